@@ -1,0 +1,257 @@
+"""The `cnnkit` command: parses arguments, then calls the library. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from cnnkit.errors import CnnkitError, UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake on one line and exits 2."""
+
+    def error(self, message: str):  # noqa: D102
+        raise UsageError(f"{self.prog}: {message}", fix=f"see `{self.prog} --help`")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Prints every option's default, including those without help text."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is not argparse.SUPPRESS and action.option_strings and "%(default)" not in text \
+                and not isinstance(action, (argparse._StoreTrueAction, argparse._HelpAction)):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _fmt():
+    return lambda prog: _HelpFormatter(prog, max_help_position=32)
+
+
+def parse_input_shape(text: str) -> tuple[int, int, int]:
+    """'3x224x224' -> (3, 224, 224); '224' -> (3, 224, 224); '1x28x28' -> (1, 28, 28)."""
+    m = re.fullmatch(r"\s*(?:(\d+)\s*[xX,]\s*)?(\d+)(?:\s*[xX,]\s*(\d+))?\s*", text)
+    if not m or (m.group(1) and not m.group(3)):
+        raise UsageError(f"malformed --input {text!r}", fix="write it as CxHxW, e.g. --input 3x224x224")
+    if m.group(3):
+        c, h, w = int(m.group(1) or 3), int(m.group(2)), int(m.group(3))
+    else:
+        c, h, w = 3, int(m.group(2)), int(m.group(2))
+    if min(c, h, w) < 1:
+        raise UsageError(f"--input {text!r} has a zero size", fix="every size must be at least 1")
+    return c, h, w
+
+
+def _model_kwargs(args) -> dict:
+    kw = {}
+    for key in ("width", "pool_size", "dropout"):
+        v = getattr(args, key, None)
+        if v is not None:
+            kw[key] = v
+    return kw
+
+
+def cmd_models(args) -> int:
+    from cnnkit.models import list_models
+
+    for name in list_models():
+        print(name)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from cnnkit.models.summary import model_info
+
+    c, h, w = parse_input_shape(args.input)
+    kwargs = _model_kwargs(args)
+    kwargs["num_classes"] = args.num_classes
+    if c != 3:
+        kwargs["in_channels"] = c
+    print(model_info(args.model, input_shape=(c, h, w), **kwargs))
+    return 0
+
+
+def _add_train_flags(p: argparse.ArgumentParser, defaults) -> None:
+    p.add_argument("--model", default=None, help=f"registered model name (default {defaults.model})")
+    p.add_argument("--data", default=defaults.data, help="built-in name, image folder, or data YAML")
+    p.add_argument("--epochs", type=int, default=defaults.epochs)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--img-size", type=int, default=defaults.img_size, help="input height = width")
+    p.add_argument("--width", type=float, default=None, help="channel width multiplier of the model (its own default when unset)")
+    p.add_argument("--pool-size", type=int, default=None, help="adaptive pool size before the classifier (model default when unset)")
+    p.add_argument("--dropout", type=float, default=None, help="classifier dropout (model default when unset)")
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default=defaults.optimizer)
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--momentum", type=float, default=defaults.momentum)
+    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    p.add_argument("--schedule", choices=("cosine", "step", "constant"), default=defaults.schedule)
+    p.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs)
+    p.add_argument("--steps", type=int, nargs="*", default=[], help="epochs at which --schedule step divides the lr by 1/gamma")
+    p.add_argument("--gamma", type=float, default=defaults.gamma)
+    p.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
+    p.add_argument("--ema", action="store_true", help="evaluate and save an exponential moving average of the weights")
+    p.add_argument("--clip-grad", type=float, default=defaults.clip_grad, help="max gradient norm (0 = off)")
+    p.add_argument("--no-augment", action="store_true", help="train without data augmentation")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=defaults.precision)
+    p.add_argument("--channels-last", choices=("auto", "on", "off"), default=defaults.channels_last)
+    p.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--workers", type=int, default=defaults.workers, help="DataLoader workers (-1 = automatic)")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--project", default=defaults.project, help="folder that holds the runs")
+    p.add_argument("--name", default=defaults.name, help="run name: runs/<task>/<name> (numbered when it exists)")
+    p.add_argument("--exist-ok", action="store_true", help="reuse runs/<task>/<name> instead of numbering a new one")
+    p.add_argument("--resume", default=None, metavar="LAST_PT", help="continue the run of this last.pt exactly where it stopped")
+    p.add_argument("--on-bad-image", choices=("error", "skip"), default=defaults.on_bad_image)
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0 = no limit)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch only)")
+
+
+TASK_DEFAULTS = {
+    "classify": dict(model="vgg11_bn", model_kwargs={"width": 0.25, "pool_size": 1}),
+}
+
+
+def config_from_args(task: str, args):
+    from cnnkit.engine.config import TrainConfig
+
+    d = TASK_DEFAULTS[task]
+    explicit_model = args.model is not None
+    model = args.model or d["model"]
+    kwargs = dict(d["model_kwargs"]) if not explicit_model else {}
+    kwargs.update(_model_kwargs(args))
+    cfg = TrainConfig(task=task, model=model, model_kwargs=kwargs, data=args.data, epochs=args.epochs,
+                      batch_size=args.batch_size, img_size=args.img_size, optimizer=args.optimizer, lr=args.lr,
+                      momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
+                      warmup_epochs=args.warmup_epochs, steps=list(args.steps), gamma=args.gamma,
+                      label_smoothing=args.label_smoothing, ema=args.ema, clip_grad=args.clip_grad,
+                      augment=not args.no_augment, precision=args.precision, channels_last=args.channels_last,
+                      device=args.device, workers=args.workers, seed=args.seed, project=args.project,
+                      name=args.name, exist_ok=args.exist_ok, on_bad_image=args.on_bad_image,
+                      max_steps=args.max_steps, progress=not args.no_progress and sys.stderr.isatty())
+    return cfg, explicit_model
+
+
+def cmd_train(args) -> int:
+    from cnnkit.engine.trainer import fit
+
+    cfg, explicit = config_from_args(args.task, args)
+    result = fit(cfg, resume=args.resume, explicit_model=explicit,
+                 extend_epochs=args.epochs if args.resume and args.epochs_given else None)
+    print(f"results in {result.run_dir} (best {cfg.task} fitness {result.best_fitness:.4f})")
+    return 0
+
+
+def cmd_val(args) -> int:
+    from cnnkit.engine.inference import validate
+
+    out = Path(args.out) if args.out else Path(args.weights).resolve().parent.parent / "val"
+    m = validate(args.weights, data=args.data, batch_size=args.batch_size, device=args.device,
+                 precision=args.precision, workers=args.workers, out_dir=out)
+    _print_metrics(m)
+    print(f"pictures in {out}")
+    return 0
+
+
+def _print_metrics(m: dict) -> None:
+    for k, v in m.items():
+        if isinstance(v, float):
+            print(f"{k:>12s}  {v:.4f}")
+        elif isinstance(v, int):
+            print(f"{k:>12s}  {v}")
+    if "per_class" in m:
+        print("per-class accuracy:")
+        for name, acc in m["per_class"].items():
+            print(f"  {name:<20s} {acc:.4f}")
+
+
+def cmd_predict(args) -> int:
+    from cnnkit.engine.inference import load_trained
+
+    t = load_trained(args.weights, device=args.device, precision=args.precision)
+    out = Path(args.out) if args.out else Path("runs") / t.task.name / "predict"
+    rows = t.task.predict_paths(t, args.sources, out_dir=out, top_k=args.top_k, batch_size=args.batch_size)
+    for r in rows[: args.show]:
+        print(r["summary"])
+    if len(rows) > args.show:
+        print(f"... {len(rows) - args.show} more")
+    print(f"{len(rows)} image(s); results in {out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from cnnkit.demo import run_demo
+
+    return run_demo(quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cnnkit.engine.config import TrainConfig
+
+    defaults = TrainConfig()
+    p = _Parser(prog="cnnkit", description="2D convolutional networks: operations, models, training, evaluation.",
+                formatter_class=_fmt())
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("models", help="list the registered models", formatter_class=_fmt())
+    s.set_defaults(func=cmd_models)
+
+    s = sub.add_parser("info", help="layer table: output shapes, parameters, multiply-adds, receptive fields",
+                       formatter_class=_fmt())
+    s.add_argument("model")
+    s.add_argument("--input", default="3x224x224", help="input shape CxHxW")
+    s.add_argument("--width", type=float, default=None, help="channel width multiplier")
+    s.add_argument("--pool-size", type=int, default=None, help="adaptive pool size before the classifier")
+    s.add_argument("--num-classes", type=int, default=1000)
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("train", help="train a model", formatter_class=_fmt())
+    tsub = s.add_subparsers(dest="task", required=True, parser_class=_Parser)
+    for task in TASK_DEFAULTS:
+        t = tsub.add_parser(task, help=f"train a {task} model", formatter_class=_fmt())
+        _add_train_flags(t, defaults)
+        t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("val", help="evaluate a checkpoint", formatter_class=_fmt())
+    s.add_argument("--weights", required=True, help="a best.pt / last.pt written by `cnnkit train`")
+    s.add_argument("--data", default=None, help="data to evaluate on (default: the run's own validation split)")
+    s.add_argument("--batch-size", type=int, default=128)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    s.add_argument("--workers", type=int, default=-1)
+    s.add_argument("--out", default=None, help="folder for the pictures (default: <run>/val)")
+    s.set_defaults(func=cmd_val)
+
+    s = sub.add_parser("predict", help="predict images or folders with a checkpoint", formatter_class=_fmt())
+    s.add_argument("sources", nargs="+", metavar="IMAGES_OR_FOLDERS")
+    s.add_argument("--weights", required=True)
+    s.add_argument("--top-k", type=int, default=5)
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    s.add_argument("--out", default=None, help="output folder (default runs/<task>/predict)")
+    s.add_argument("--show", type=int, default=20, help="print this many results")
+    s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("demo", help="train the default small VGG on the embedded Fashion-MNIST and show it",
+                       formatter_class=_fmt())
+    s.add_argument("--quick", action="store_true", help="a one-epoch smoke run")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = build_parser().parse_args(argv)
+        args.epochs_given = "--epochs" in argv or any(a.startswith("--epochs=") for a in argv)
+        return int(args.func(args) or 0)
+    except CnnkitError as exc:
+        print(f"cnnkit: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("cnnkit: interrupted (the last finished epoch is in weights/last.pt; use --resume)", file=sys.stderr)
+        return 130

@@ -1,0 +1,51 @@
+"""The settings of a training run; written to `runs/<task>/<name>/config.yaml`."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class TrainConfig:
+    task: str = "classify"
+    model: str = "vgg11_bn"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    data: str = "fashion-mnist"
+    epochs: int = 10
+    batch_size: int = 64
+    img_size: int = 32
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: float = 1.0
+    steps: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+    label_smoothing: float = 0.0
+    ema: bool = False
+    ema_decay: float = 0.9998
+    clip_grad: float = 0.0
+    augment: bool = True
+    precision: str = "auto"
+    channels_last: str = "auto"
+    device: str = "auto"
+    workers: int = -1  # -1 = chosen automatically
+    seed: int = 0
+    project: str = "runs"
+    name: str = "exp"
+    exist_ok: bool = False
+    on_bad_image: str = "error"
+    max_steps: int = 0  # stop after this many optimizer steps in total (0 = no limit); for tests and benchmarks
+    plots: bool = True
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})

@@ -1,0 +1,89 @@
+"""Device, precision and memory-format choices, made once per run.
+
+`--precision auto` uses bf16 autocast on a CPU whose oneDNN supports bf16 (AVX512-BF16 / AMX), bf16
+on CUDA devices that support it (fp16 with a gradient scaler otherwise), and fp32 elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+from cnnkit.errors import UsageError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def cpu_supports_bf16() -> bool:
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    name = (name or "auto").lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}", fix="use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {name!r} asked for but CUDA is not available here", fix="use --device cpu")
+    return dev
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a run computes: autocast dtype (None = fp32) and whether a gradient scaler is needed."""
+
+    name: str
+    dtype: torch.dtype | None
+    device_type: str
+
+    @property
+    def needs_scaler(self) -> bool:
+        return self.dtype is torch.float16
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+
+def resolve_precision(name: str, device: torch.device) -> Precision:
+    name = (name or "auto").lower()
+    if name not in PRECISIONS:
+        raise UsageError(f"unknown precision {name!r}", fix=f"choose one of {', '.join(PRECISIONS)}")
+    if name == "auto":
+        if device.type == "cpu":
+            name = "bf16" if cpu_supports_bf16() else "fp32"
+        elif device.type == "cuda":
+            name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            name = "fp32"
+    if name == "fp16" and device.type == "cpu":
+        raise UsageError("fp16 autocast is for CUDA", fix="use --precision bf16 or fp32 on a CPU")
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    return Precision(name, dtype, device.type)
+
+
+def use_channels_last(setting: str | bool, device: torch.device, precision: Precision) -> bool:
+    """channels_last pays with oneDNN bf16 on CPU and with tensor cores on CUDA."""
+    if isinstance(setting, bool):
+        return setting
+    if setting == "auto":
+        return device.type == "cuda" or precision.dtype is not None
+    return setting in ("1", "true", "yes", "on")
+
+
+def auto_workers(in_memory: bool) -> int:
+    """DataLoader workers: none for in-memory data (a worker only steals a core), else cores - 1."""
+    if in_memory:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores - 1))

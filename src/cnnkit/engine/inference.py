@@ -1,0 +1,82 @@
+"""Using a trained checkpoint: rebuild its model with no other flag, validate it, predict with it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cnnkit.engine import checkpoint as ck
+from cnnkit.engine.config import TrainConfig
+from cnnkit.engine.device import Precision, resolve_device, resolve_precision, use_channels_last
+from cnnkit.errors import DataError, WeightsError
+
+
+@dataclass
+class Trained:
+    task: Any
+    model: torch.nn.Module
+    ckpt: dict[str, Any]
+    names: list[str]
+    device: torch.device
+    precision: Precision
+    channels_last: bool
+
+    @property
+    def img_size(self) -> int:
+        return int(self.ckpt.get("preprocess", {}).get("img_size", 224))
+
+
+def load_trained(weights: str | Path, *, device: str = "auto", precision: str = "auto") -> Trained:
+    """Rebuild the model a cnnkit checkpoint describes and load its (EMA, if any) weights."""
+    from cnnkit.models import build_model
+    from cnnkit.tasks import get_task
+
+    ckpt = ck.load_checkpoint(weights)
+    for key in ("task", "model", "state_dict", "names"):
+        if key not in ckpt:
+            raise WeightsError(f"not a cnnkit checkpoint (no {key!r} entry)", path=str(weights),
+                               fix="use weights/best.pt or weights/last.pt of a `cnnkit train` run")
+    task = get_task(ckpt["task"])
+    task.configure(ckpt.get("preprocess", {}))
+    model = build_model(ckpt["model"]["name"], **ckpt["model"]["kwargs"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as exc:
+        raise WeightsError(f"weights do not fit {ckpt['model']['name']}: {str(exc).splitlines()[0]}",
+                           path=str(weights)) from None
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    cl = use_channels_last("auto", dev, prec)
+    model = model.to(dev).eval()
+    if cl:
+        model = model.to(memory_format=torch.channels_last)
+    return Trained(task, model, ckpt, list(ckpt["names"]), dev, prec, cl)
+
+
+def validate(weights: str | Path, *, data: str | None = None, batch_size: int = 128, device: str = "auto",
+             precision: str = "auto", workers: int = -1, out_dir: str | Path | None = None,
+             log=print) -> dict[str, Any]:
+    """Evaluate a checkpoint on its own validation split or on `data`; draws into out_dir."""
+    from cnnkit.engine.loop import evaluate
+    from cnnkit.engine.trainer import make_loader
+
+    t = load_trained(weights, device=device, precision=precision)
+    saved = dict(t.ckpt.get("config", {}))
+    cfg = TrainConfig.from_dict({**saved, "data": data or saved.get("data"), "augment": False,
+                                 "batch_size": batch_size, "workers": workers})
+    cfg.img_size = t.img_size
+    td = t.task.build_data(cfg)
+    t.task.configure(t.ckpt.get("preprocess", {}))
+    if list(td.names) != t.names:
+        raise DataError(f"the data's classes {td.names} differ from the checkpoint's {t.names}",
+                        path=str(data), fix="validate on data with the same class list")
+    loader = make_loader(td.val, cfg, shuffle=False, collate_fn=td.collate_fn, in_memory=td.in_memory,
+                         device=t.device)
+    metrics = evaluate(t.model, t.task, loader, t.precision, device=t.device, channels_last=t.channels_last,
+                       names=t.names)
+    if out_dir is not None:
+        t.task.draw(metrics, Path(out_dir), names=t.names)
+    return metrics

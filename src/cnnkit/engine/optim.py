@@ -1,0 +1,105 @@
+"""Optimizer, learning-rate schedule and weight EMA.
+
+SGD with momentum 0.9 and weight decay 5e-4 is the default, as in AlexNet (Krizhevsky et al. 2012),
+VGG (Simonyan & Zisserman 2015) and YOLO (Redmon et al. 2016); AdamW (Loshchilov & Hutter 2019) is
+the alternative. Weight decay is not applied to biases and normalisation parameters.
+
+The schedule is per iteration: a linear warm-up from `warmup_factor * lr` to `lr`, then either
+cosine annealing to `min_lr_ratio * lr` or a step decay by `gamma` at the given epochs.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn as nn
+
+from cnnkit.errors import UsageError
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "step", "constant")
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, lr: float,
+                     backbone: Iterable[nn.Parameter] = (), backbone_lr_scale: float = 1.0) -> list[dict]:
+    """Split parameters into decay / no-decay groups, optionally with a scaled backbone rate."""
+    backbone_ids = {id(p) for p in backbone}
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad and id(p) not in backbone_ids:
+            continue
+        no_decay = p.ndim <= 1  # biases, BatchNorm / LayerNorm weights
+        groups.setdefault((id(p) in backbone_ids, no_decay), []).append(p)
+    out = []
+    for (is_backbone, no_decay), params in sorted(groups.items()):
+        scale = backbone_lr_scale if is_backbone else 1.0
+        out.append({"params": params, "weight_decay": 0.0 if no_decay else weight_decay,
+                    "lr": lr * scale, "lr_scale": scale, "backbone": is_backbone})
+    return out
+
+
+def build_optimizer(groups: list[dict], name: str, lr: float, momentum: float) -> torch.optim.Optimizer:
+    name = name.lower()
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999))
+    raise UsageError(f"unknown optimizer {name!r}", fix=f"choose one of {', '.join(OPTIMIZERS)}")
+
+
+def lr_factor(it: int, *, total_iters: int, warmup_iters: int, schedule: str, iters_per_epoch: int,
+              warmup_factor: float = 0.1, min_lr_ratio: float = 0.01, steps: Sequence[int] = (),
+              gamma: float = 0.1) -> float:
+    """Multiplier of the base learning rate at iteration `it` (0-based)."""
+    if it < warmup_iters:
+        return warmup_factor + (1.0 - warmup_factor) * it / max(1, warmup_iters)
+    if schedule == "cosine":
+        t = (it - warmup_iters) / max(1, total_iters - warmup_iters)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    if schedule == "step":
+        epoch = it // max(1, iters_per_epoch)
+        return gamma ** sum(epoch >= s for s in steps)
+    if schedule == "constant":
+        return 1.0
+    raise UsageError(f"unknown schedule {schedule!r}", fix=f"choose one of {', '.join(SCHEDULES)}")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, **kwargs) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR stepped once per iteration; `kwargs` are those of `lr_factor`."""
+    lr_factor(0, **kwargs)  # validates the schedule name before training starts
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, **kwargs))
+
+
+class ModelEMA:
+    """Exponential moving average of weights: ema = d * ema + (1 - d) * w, with the decay ramped
+    up as d = decay * (1 - exp(-updates / 2000)) so early averages are not dominated by init."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.9998, ramp: float = 2000.0):
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.decay = decay
+        self.ramp = ramp
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = self.decay * (1 - math.exp(-self.updates / self.ramp))
+        msd = model.state_dict()
+        for k, v in self.module.state_dict().items():
+            if v.dtype.is_floating_point:
+                v.mul_(d).add_(msd[k].detach(), alpha=1 - d)
+            else:
+                v.copy_(msd[k])
+
+    def state_dict(self) -> dict:
+        return {"module": self.module.state_dict(), "updates": self.updates, "decay": self.decay}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        self.updates = int(state["updates"])
+        self.decay = float(state["decay"])

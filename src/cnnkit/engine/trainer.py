@@ -1,0 +1,259 @@
+"""`fit`: a whole training run, resumable, writing everything under `runs/<task>/<name>/`.
+
+Layout of a run: config.yaml, metrics.csv, results.png (curves), weights/last.pt (every epoch),
+weights/best.pt (best validation fitness), plus what the task draws after the final evaluation.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+import cnnkit
+from cnnkit.engine import checkpoint as ck
+from cnnkit.engine.config import TrainConfig
+from cnnkit.engine.device import auto_workers, resolve_device, resolve_precision, use_channels_last
+from cnnkit.engine.loop import evaluate, train_one_epoch
+from cnnkit.engine.optim import ModelEMA, build_optimizer, build_scheduler, parameter_groups
+from cnnkit.errors import UsageError, WeightsError
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict[str, Any]
+    best_fitness: float
+    history: list[dict[str, Any]]
+
+
+def get_task(name: str):
+    from cnnkit.tasks import get_task as _get
+    return _get(name)
+
+
+def new_run_dir(project: str | Path, task: str, name: str, exist_ok: bool) -> Path:
+    """runs/<task>/<name>, or <name>2, <name>3 ... when it exists (nothing of an earlier run is overwritten)."""
+    base = Path(project) / task
+    path = base / name
+    if exist_ok:
+        return path
+    i = 2
+    while path.exists():
+        path = base / f"{name}{i}"
+        i += 1
+    return path
+
+
+def make_loader(dataset, cfg: TrainConfig, *, shuffle: bool, collate_fn, in_memory: bool,
+                device: torch.device, batch_size: int | None = None) -> DataLoader:
+    workers = auto_workers(in_memory) if cfg.workers < 0 else cfg.workers
+    return DataLoader(dataset, batch_size=batch_size or cfg.batch_size, shuffle=shuffle,
+                      num_workers=workers, collate_fn=collate_fn, drop_last=shuffle and len(dataset) > (batch_size or cfg.batch_size),
+                      pin_memory=device.type == "cuda")
+
+
+def checkpoint_dict(cfg: TrainConfig, task, model, data, *, optimizer, scheduler, ema, epoch: int,
+                    best_fitness: float, metrics: dict[str, Any], scaler=None) -> dict[str, Any]:
+    ema_model = ema.module if ema is not None else model
+    return {
+        "version": cnnkit.__version__,
+        "task": task.name,
+        "model": {"name": model.cnnkit_name, "kwargs": dict(model.cnnkit_kwargs)},
+        "names": list(data.names),
+        "preprocess": dict(data.meta),
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in ema_model.state_dict().items()},
+        "train_state_dict": ({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+                             if ema is not None else None),
+        "ema": ema.state_dict() if ema is not None else None,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "epoch": epoch,
+        "best_fitness": best_fitness,
+        "config": cfg.to_dict(),
+        "rng": ck.rng_state(),
+        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
+    }
+
+
+def _scalar_row(epoch: int, train: dict, val: dict, lr: float) -> dict[str, Any]:
+    row: dict[str, Any] = {"epoch": epoch}
+    row.update({k: round(v, 6) for k, v in train.items() if k.startswith("train_") and k != "train_time_s"})
+    row.update({f"val_{k}": round(float(v), 6) for k, v in val.items() if isinstance(v, (int, float))})
+    row.update(lr=lr, images_per_s=round(train["images_per_s"], 1), epoch_time_s=round(train["train_time_s"], 2))
+    return row
+
+
+def write_metrics_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(rows)
+    ck.atomic_write_text(path, buf.getvalue())
+
+
+def read_metrics_csv(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [{k: _num(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def _num(v: str):
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            return v
+
+
+def plot_curves(rows: list[dict[str, Any]], path: Path, fitness: str) -> None:
+    """Loss and validation-metric curves, one PNG (atomic)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in rows]
+    loss_keys = [k for k in rows[-1] if k.startswith("train_") or k == "val_loss"]
+    metric_keys = [k for k in rows[-1] if k.startswith("val_") and k != "val_loss"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for k in loss_keys:
+        axes[0].plot(epochs, [r.get(k) for r in rows], marker=".", label=k)
+    axes[0].set(title="loss", xlabel="epoch")
+    for k in metric_keys:
+        axes[1].plot(epochs, [r.get(k) for r in rows], marker=".", label=k, lw=2.5 if k == f"val_{fitness}" else 1.2)
+    axes[1].set(title="validation", xlabel="epoch")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    with ck.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def _load_resume(path: str, cfg: TrainConfig, explicit_model: bool) -> dict[str, Any]:
+    ckpt = ck.load_checkpoint(path)
+    for key in ("config", "model", "optimizer", "epoch"):
+        if key not in ckpt:
+            raise WeightsError(f"not a resumable training checkpoint (no {key!r})", path=path,
+                               fix="resume from runs/<task>/<name>/weights/last.pt")
+    saved = ckpt["config"]
+    if saved.get("task") != cfg.task:
+        raise WeightsError(f"checkpoint is from a {saved.get('task')!r} run, not {cfg.task!r}", path=path,
+                           fix=f"use `cnnkit train {saved.get('task')} --resume {path}`")
+    if explicit_model and ckpt["model"]["name"] != cfg.model.replace("-", "_").lower():
+        raise WeightsError(f"checkpoint holds model {ckpt['model']['name']!r}, not {cfg.model!r}", path=path,
+                           fix=f"drop --model or use --model {ckpt['model']['name']}")
+    return ckpt
+
+
+def fit(cfg: TrainConfig, *, resume: str | None = None, explicit_model: bool = False,
+        extend_epochs: int | None = None, log=print, on_step=None) -> RunResult:
+    """Train per `cfg`; with `resume`, continue a run exactly where its last.pt stopped."""
+    ckpt = None
+    if resume:
+        ckpt = _load_resume(resume, cfg, explicit_model)
+        cfg = TrainConfig.from_dict(ckpt["config"])
+        if extend_epochs:
+            cfg.epochs = extend_epochs
+        run_dir = Path(resume).resolve().parent.parent
+    else:
+        run_dir = new_run_dir(cfg.project, cfg.task, cfg.name, cfg.exist_ok)
+    task = get_task(cfg.task)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    channels_last = use_channels_last(cfg.channels_last, device, precision)
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise UsageError("--epochs and --batch-size must be at least 1")
+    ck.seed_everything(cfg.seed)
+
+    data = task.build_data(cfg)
+    model = task.build_model(cfg, data).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    train_loader = make_loader(data.train, cfg, shuffle=True, collate_fn=data.collate_fn,
+                               in_memory=data.in_memory, device=device)
+    val_loader = make_loader(data.val, cfg, shuffle=False, collate_fn=data.collate_fn,
+                             in_memory=data.in_memory, device=device, batch_size=cfg.batch_size * 2)
+    groups = parameter_groups(model, cfg.weight_decay, cfg.lr)
+    optimizer = build_optimizer(groups, cfg.optimizer, cfg.lr, cfg.momentum)
+    iters = len(train_loader)
+    total = cfg.epochs * iters  # --max-steps stops early without changing the schedule
+    scheduler = build_scheduler(optimizer, total_iters=total, warmup_iters=int(cfg.warmup_epochs * iters),
+                                schedule=cfg.schedule, iters_per_epoch=iters, steps=cfg.steps, gamma=cfg.gamma)
+    scaler = torch.amp.GradScaler(device.type) if precision.needs_scaler else None
+    ema = ModelEMA(model, cfg.ema_decay) if cfg.ema else None
+
+    start_epoch, best, history = 0, float("-inf"), []
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["train_state_dict"] or ckpt["state_dict"])
+        except RuntimeError as exc:
+            raise WeightsError(f"checkpoint does not fit the model: {str(exc).splitlines()[0]}", path=resume) from None
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if ema is not None and ckpt.get("ema"):
+            ema.load_state_dict(ckpt["ema"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, best = int(ckpt["epoch"]) + 1, float(ckpt["best_fitness"])
+        history = [r for r in read_metrics_csv(run_dir / "metrics.csv") if r.get("epoch", 0) <= start_epoch]
+        ck.set_rng_state(ckpt["rng"])
+        log(f"resuming {run_dir} at epoch {start_epoch + 1}/{cfg.epochs}")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=cfg.exist_ok)
+        ck.atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"{cfg.task}: {model.cnnkit_name} ({n_params:,} parameters) on {data.source}; device {device}, "
+        f"precision {precision.name}, channels_last {channels_last}, {train_loader.num_workers} workers -> {run_dir}")
+
+    steps_done = start_epoch * iters
+    metrics: dict[str, Any] = {}
+    for epoch in range(start_epoch, cfg.epochs):
+        if cfg.max_steps and steps_done >= cfg.max_steps:
+            break
+        t0 = time.perf_counter()
+        train = train_one_epoch(model, task, train_loader, optimizer, scheduler, precision, device=device,
+                                channels_last=channels_last, scaler=scaler, ema=ema, clip_grad=cfg.clip_grad,
+                                max_steps=(cfg.max_steps - steps_done) if cfg.max_steps else 0,
+                                epoch=epoch, epochs=cfg.epochs, progress=cfg.progress, on_step=on_step)
+        steps_done += train["steps"]
+        eval_model = ema.module if ema is not None else model
+        metrics = evaluate(eval_model, task, val_loader, precision, device=device,
+                           channels_last=channels_last, names=data.names)
+        fitness = float(metrics[task.fitness])
+        is_best = fitness > best
+        best = max(best, fitness)
+        row = _scalar_row(epoch + 1, train, metrics, optimizer.param_groups[0]["lr"])
+        history.append(row)
+        write_metrics_csv(run_dir / "metrics.csv", history)
+        state = checkpoint_dict(cfg, task, model, data, optimizer=optimizer, scheduler=scheduler, ema=ema,
+                                epoch=epoch, best_fitness=best, metrics=metrics, scaler=scaler)
+        ck.save_checkpoint(run_dir / "weights" / "last.pt", state)
+        if is_best:
+            ck.save_checkpoint(run_dir / "weights" / "best.pt", state)
+        if cfg.plots:
+            plot_curves(history, run_dir / "results.png", task.fitness)
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k in task.metric_names)
+        log(f"epoch {epoch + 1}/{cfg.epochs}  loss {train['train_loss']:.4f}  {shown}  "
+            f"{train['images_per_s']:.0f} img/s  {time.perf_counter() - t0:.1f}s" + ("  *best*" if is_best else ""))
+    if metrics and cfg.plots:
+        task.draw(metrics, run_dir, names=data.names)
+    if data.skipped:
+        log(f"skipped {len(data.skipped)} bad image(s): " + "; ".join(f"{p} ({r})" for p, r in data.skipped[:10])
+            + (" ..." if len(data.skipped) > 10 else ""))
+    return RunResult(run_dir, metrics, best, history)

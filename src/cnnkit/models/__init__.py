@@ -1,0 +1,14 @@
+"""Model architectures, each registered by name: `build_model("vgg16", num_classes=10)`.
+
+Importing this package registers every built-in architecture: AlexNet (Krizhevsky et al. 2012) and
+VGG-11/13/16/19 with and without batch normalisation (Simonyan & Zisserman 2015).
+"""
+
+from cnnkit.models.registry import build_model, get_entry, list_models, register_model
+from cnnkit.models import alexnet, vgg  # noqa: F401  (importing a module registers its builders)
+from cnnkit.models.alexnet import AlexNet, ConvClassifier
+from cnnkit.models.summary import ModelSummary, format_summary, model_info, summarize
+from cnnkit.models.vgg import VGG
+
+__all__ = ["AlexNet", "ConvClassifier", "ModelSummary", "VGG", "build_model", "format_summary",
+           "get_entry", "list_models", "model_info", "register_model", "summarize"]

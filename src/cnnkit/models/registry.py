@@ -1,0 +1,80 @@
+"""Model registry: every architecture registers a builder under a name.
+
+`build_model(name, **kwargs)` builds one; `list_models()` lists them. An unknown name raises a
+`ModelError` that suggests the closest registered names.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch.nn as nn
+
+from cnnkit.errors import ModelError
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    builder: Callable[..., nn.Module]
+    task: str = "classify"
+    description: str = ""
+    defaults: dict = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def _normalise(name: str) -> str:
+    return name.strip().lower().replace("-", "_")
+
+
+def register_model(name: str, *, task: str = "classify", description: str = "", **defaults):
+    """Decorator: register `builder` under `name` (case-insensitive, '-' and '_' alike)."""
+
+    def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        key = _normalise(name)
+        if key in _REGISTRY:
+            raise RuntimeError(f"model {name!r} registered twice")
+        doc = description or (builder.__doc__ or "").strip().splitlines()[0:1]
+        _REGISTRY[key] = ModelEntry(key, builder, task, doc if isinstance(doc, str) else "".join(doc),
+                                    dict(defaults))
+        return builder
+
+    return wrap
+
+
+def _ensure_loaded() -> None:
+    # Importing the package registers every built-in architecture.
+    import cnnkit.models  # noqa: F401
+
+
+def get_entry(name: str) -> ModelEntry:
+    _ensure_loaded()
+    key = _normalise(name)
+    if key not in _REGISTRY:
+        close = difflib.get_close_matches(key, list(_REGISTRY), n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}?" if close else "run `cnnkit models` to list them"
+        raise ModelError(f"unknown model {name!r}", fix=hint)
+    return _REGISTRY[key]
+
+
+def build_model(name: str, **kwargs) -> nn.Module:
+    """Build the registered model `name` with `kwargs` passed to its builder."""
+    entry = get_entry(name)
+    merged = {**entry.defaults, **kwargs}
+    try:
+        model = entry.builder(**merged)
+    except TypeError as exc:  # an option the builder does not take
+        raise ModelError(f"model {entry.name!r} does not accept these options: {exc}") from None
+    # What a checkpoint needs to rebuild this model with no other flag.
+    model.cnnkit_name = entry.name  # type: ignore[attr-defined]
+    model.cnnkit_kwargs = dict(kwargs)  # type: ignore[attr-defined]
+    return model
+
+
+def list_models(task: str | None = None) -> list[str]:
+    _ensure_loaded()
+    return sorted(k for k, e in _REGISTRY.items() if task is None or e.task == task)

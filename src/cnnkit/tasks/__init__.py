@@ -1,0 +1,13 @@
+"""Tasks: classify, detect, segment. Each owns its loss, metrics, post-processing and drawing."""
+
+from cnnkit.errors import UsageError
+from cnnkit.tasks.base import Task, TaskData
+
+TASKS = ("classify",)
+
+
+def get_task(name: str) -> Task:
+    if name == "classify":
+        from cnnkit.tasks.classify import ClassifyTask
+        return ClassifyTask()
+    raise UsageError(f"unknown task {name!r}", fix=f"choose one of {', '.join(TASKS)}")

@@ -1,0 +1,62 @@
+"""The small interface between the training engine and a task.
+
+The engine (cnnkit.engine) knows nothing of labels, boxes or masks: it asks the task for data, a
+model, the loss of a batch and the metrics of an evaluation. A task is the only place that knows
+what a target means.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
+
+
+@dataclass
+class TaskData:
+    """What a task hands the engine: datasets with their transforms set, and what a checkpoint keeps."""
+
+    train: Dataset
+    val: Dataset
+    names: list[str]
+    collate_fn: Callable | None = None
+    in_memory: bool = False
+    source: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)  # stored in checkpoints (e.g. preprocessing)
+    skipped: list = field(default_factory=list)
+
+
+class Task:
+    """Base class: subclasses set `name`, `fitness` (the metric best.pt maximises) and implement these."""
+
+    name: str = ""
+    fitness: str = ""
+    metric_names: tuple[str, ...] = ()
+
+    def build_data(self, cfg) -> TaskData:
+        raise NotImplementedError
+
+    def build_model(self, cfg, data: TaskData) -> nn.Module:
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, images: torch.Tensor, targets: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """Forward pass and loss of one batch; returns (loss, logged parts)."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, loader, *, device: torch.device, precision, names: list[str]) -> dict[str, Any]:
+        """Metrics on a loader; the dict holds `self.fitness`, plus anything the task wants to draw."""
+        raise NotImplementedError
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 batch on the device -> the float tensor the model takes."""
+        return images.float() / 255.0
+
+    def draw(self, metrics: dict[str, Any], out_dir, *, names: list[str]):
+        """Pictures of a final evaluation (confusion matrix, PR curves ...) written into out_dir."""
+        return None
+
+    def move_targets(self, targets: Any, device: torch.device) -> Any:
+        return targets.to(device, non_blocking=True) if isinstance(targets, torch.Tensor) else targets

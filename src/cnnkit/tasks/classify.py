@@ -1,0 +1,206 @@
+"""Image classification: cross-entropy, top-1 / top-5 / per-class accuracy, confusion matrix,
+top-k prediction with class names.
+
+Top-k accuracy (as ImageNet reports it): a sample counts as correct when its true class is among
+the k highest scores. Per-class accuracy is the confusion matrix's diagonal over its row sums.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import v2
+
+from cnnkit.tasks.base import Task, TaskData
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def default_normalisation(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if channels == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return (0.5,) * channels, (0.25,) * channels
+
+
+def train_transform(img_size: int, source_size: int, augment: bool):
+    """Small sources (<= 1.5x the input size, e.g. MNIST): resize, pad-and-crop, flip.
+    Larger photos: random-resized crop and flip (the Inception / ResNet recipe)."""
+    if not augment:
+        return eval_transform(img_size)
+    if source_size <= 1.5 * img_size:
+        return v2.Compose([v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size),
+                           v2.RandomCrop(img_size, padding=max(1, img_size // 8)),
+                           v2.RandomHorizontalFlip()])
+    return v2.Compose([v2.RandomResizedCrop(img_size, scale=(0.25, 1.0), antialias=True),
+                       v2.RandomHorizontalFlip()])
+
+
+def eval_transform(img_size: int):
+    return v2.Compose([v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size)])
+
+
+def normalise(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 [N,C,H,W] -> float, (x / 255 - mean) / std per channel."""
+    m = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    return (images.float() / 255.0 - m) / s
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, int]:
+    kmax = min(max(ks), logits.shape[1])
+    top = logits.topk(kmax, dim=1).indices
+    hit = top.eq(labels.view(-1, 1))
+    return {k: int(hit[:, :min(k, kmax)].any(dim=1).sum()) for k in ks}
+
+
+def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """C[i, j] = number of samples of true class i predicted as j."""
+    idx = labels.long() * num_classes + pred.long()
+    return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+class ClassifyTask(Task):
+    name = "classify"
+    fitness = "top1"
+    metric_names = ("loss", "top1", "top5")
+
+    def __init__(self):
+        self.mean: tuple[float, ...] = IMAGENET_MEAN
+        self.std: tuple[float, ...] = IMAGENET_STD
+        self.label_smoothing = 0.0
+
+    # -- data ---------------------------------------------------------------------------------
+    def build_data(self, cfg) -> TaskData:
+        from cnnkit.data import load_classification_data
+
+        d = load_classification_data(cfg.data, on_bad_image=cfg.on_bad_image)
+        first = d.train[0][0]
+        source_size = max(first.shape[-2:])
+        self.mean, self.std = default_normalisation(d.channels)
+        self.label_smoothing = cfg.label_smoothing
+        d.train.transform = train_transform(cfg.img_size, source_size, cfg.augment)
+        d.val.transform = eval_transform(cfg.img_size)
+        meta = {"img_size": cfg.img_size, "channels": d.channels, "mean": list(self.mean), "std": list(self.std)}
+        return TaskData(d.train, d.val, list(d.names), in_memory=bool(getattr(d, "in_memory", True)),
+                        source=d.source, meta=meta, skipped=list(d.skipped))
+
+    def configure(self, meta: dict[str, Any]) -> None:
+        """Set preprocessing from a checkpoint's `preprocess` entry."""
+        self.mean, self.std = tuple(meta["mean"]), tuple(meta["std"])
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        return normalise(images, self.mean, self.std)
+
+    # -- model and loss -------------------------------------------------------------------------
+    def build_model(self, cfg, data: TaskData):
+        from cnnkit.models import build_model
+
+        return build_model(cfg.model, num_classes=len(data.names), in_channels=data.meta["channels"],
+                           **cfg.model_kwargs)
+
+    def loss(self, model, images, targets):
+        logits = model(images)
+        return F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing), {}
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def evaluate(self, model, loader, *, device, precision, names, channels_last=False) -> dict[str, Any]:
+        from cnnkit.engine.loop import to_device
+
+        n_cls = len(names)
+        cm = torch.zeros(n_cls, n_cls, dtype=torch.long)
+        hits = {1: 0, 5: 0}
+        loss_sum, n = 0.0, 0
+        for images, labels in loader:
+            images = to_device(images, self, device, channels_last)
+            labels = labels.to(device)
+            with precision.autocast():
+                logits = model(images)
+            logits = logits.float()
+            loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+            for k, v in topk_correct(logits, labels).items():
+                hits[k] += v
+            cm += confusion_matrix(logits.argmax(1), labels, n_cls).cpu()
+            n += labels.numel()
+        per_class = (cm.diag().float() / cm.sum(1).clamp(min=1).float()).tolist()
+        return {"loss": loss_sum / max(1, n), "top1": hits[1] / max(1, n), "top5": hits[5] / max(1, n),
+                "images": n, "per_class": dict(zip(names, per_class)), "confusion": cm.tolist()}
+
+    def draw(self, metrics: dict[str, Any], out_dir: Path, *, names: list[str]) -> Path:
+        from cnnkit.tasks.plots import plot_confusion
+
+        return plot_confusion(metrics["confusion"], names, Path(out_dir) / "confusion_matrix.png",
+                              title=f"top-1 {metrics['top1']:.2%}  top-5 {metrics['top5']:.2%}")
+
+    # -- prediction -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, model, images: torch.Tensor, k: int = 5, precision=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 images [N,C,H,W] (already resized) -> (top-k probabilities, top-k class indices)."""
+        x = self.prepare(images)
+        if precision is not None:
+            with precision.autocast():
+                logits = model(x)
+        else:
+            logits = model(x)
+        probs = logits.float().softmax(dim=1)
+        return probs.topk(min(k, probs.shape[1]), dim=1)
+
+    def predict_paths(self, trained, sources, *, out_dir, top_k: int = 5, batch_size: int = 64) -> list[dict]:
+        """Top-k classes of every image in `sources` (files or folders, recursively).
+
+        Writes predictions.csv, predictions.json and predictions.png (an annotated grid of the first
+        48) into out_dir, atomically; returns one dict per image.
+        """
+        import csv
+        import io
+        import json
+
+        from cnnkit.data.images import decode_image
+        from cnnkit.data.sources import collect_image_paths
+        from cnnkit.engine.checkpoint import atomic_write_text
+        from cnnkit.tasks.plots import plot_grid
+
+        paths = collect_image_paths(sources)
+        channels = int(trained.ckpt.get("preprocess", {}).get("channels", 3))
+        tf = eval_transform(trained.img_size)
+        names, rows, thumbs = trained.names, [], []
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start:start + batch_size]
+            imgs = [tf(_to_channels(decode_image(p), channels)) for p in chunk]
+            x = torch.stack(imgs).to(trained.device)
+            if trained.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            probs, idx = self.predict(trained.model, x, k=top_k, precision=trained.precision)
+            for p, img, pr, ix in zip(chunk, imgs, probs.tolist(), idx.tolist()):
+                top = [{"class": names[i], "index": i, "prob": round(q, 6)} for q, i in zip(pr, ix)]
+                rows.append({"path": str(p), "top": top,
+                             "summary": f"{p}: " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in top[:3])})
+                if len(thumbs) < 48:
+                    thumbs.append((img, f"{names[ix[0]]} {pr[0]:.2f}"))
+        out_dir = Path(out_dir)
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        k = len(rows[0]["top"]) if rows else top_k
+        w.writerow(["path"] + [f"{c}{j + 1}" for j in range(k) for c in ("class", "prob")])
+        for r in rows:
+            w.writerow([r["path"]] + [v for t in r["top"] for v in (t["class"], t["prob"])])
+        atomic_write_text(out_dir / "predictions.csv", buf.getvalue())
+        atomic_write_text(out_dir / "predictions.json",
+                          json.dumps([{k: r[k] for k in ("path", "top")} for r in rows], indent=1))
+        if thumbs:
+            pics = [(t[0].permute(1, 2, 0).squeeze(-1).numpy()) for t in thumbs]
+            plot_grid(pics, [t[1] for t in thumbs], out_dir / "predictions.png")
+        return rows
+
+
+def _to_channels(img: torch.Tensor, channels: int) -> torch.Tensor:
+    """Decoded RGB uint8 [3,H,W] -> the channel count the model was trained on (ITU-R 601 luma for grey)."""
+    if channels == 3 or img.shape[0] == channels:
+        return img
+    if channels == 1:
+        w = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+        return (img.float() * w).sum(0, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+    raise ValueError(f"cannot convert {img.shape[0]} channels to {channels}")

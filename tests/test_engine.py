@@ -1,0 +1,179 @@
+"""The training engine: resume exactness, checkpoints, schedules, run folders, and the classify CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cnnkit.cli import main
+from cnnkit.engine import checkpoint as ck
+from cnnkit.engine.config import TrainConfig
+from cnnkit.engine.optim import lr_factor
+from cnnkit.engine.trainer import fit, new_run_dir
+from cnnkit.errors import WeightsError
+
+CLASSES = ("circle", "square", "stripes", "dots")
+
+
+def _draw(kind: str, rng: np.random.Generator) -> np.ndarray:
+    img = rng.integers(0, 40, size=(32, 32, 3)).astype(np.uint8)
+    yy, xx = np.mgrid[:32, :32]
+    cx, cy = rng.integers(12, 20, size=2)
+    if kind == "circle":
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < 64] = 220
+    elif kind == "square":
+        img[cy - 7:cy + 7, cx - 7:cx + 7] = 220
+    elif kind == "stripes":
+        img[(xx // 3) % 2 == 0] = 200
+    else:
+        img[(yy % 6 == 0) & (xx % 6 == 0)] = 255
+    return img
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+    """A real ImageFolder dataset: train/ and val/ with four classes of drawn PNGs."""
+    root = tmp_path_factory.mktemp("shapes")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 16), ("val", 6)):
+        for c in CLASSES:
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(_draw(c, rng)).save(root / split / c / f"{i}.png")
+    return root
+
+
+def _cfg(shapes_dir, tmp_path, **kw) -> TrainConfig:
+    base = dict(task="classify", model="vgg11_bn", model_kwargs={"width": 0.125, "pool_size": 1},
+                data=str(shapes_dir), epochs=2, batch_size=16, img_size=32, lr=0.02, project=str(tmp_path / "runs"),
+                name="t", progress=False, plots=False, seed=3, precision="fp32")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_resume_continues_exactly(shapes_dir, tmp_path, monkeypatch):
+    full: list[tuple[int, int, float]] = []
+    fit(_cfg(shapes_dir, tmp_path, name="full"), on_step=lambda e, s, l: full.append((e, s, l)), log=lambda *_: None)
+
+    import cnnkit.engine.trainer as trainer
+
+    real = trainer.train_one_epoch
+    calls = {"n": 0}
+
+    def dies_in_second_epoch(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(trainer, "train_one_epoch", dies_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        fit(_cfg(shapes_dir, tmp_path, name="cut"), log=lambda *_: None)
+    monkeypatch.setattr(trainer, "train_one_epoch", real)
+
+    last = tmp_path / "runs" / "classify" / "cut" / "weights" / "last.pt"
+    resumed: list[tuple[int, int, float]] = []
+    fit(_cfg(shapes_dir, tmp_path), resume=str(last), on_step=lambda e, s, l: resumed.append((e, s, l)),
+        log=lambda *_: None)
+    second_epoch = [x for x in full if x[0] == 1]
+    assert resumed[0][:2] == (1, 0)
+    assert resumed[0][2] == pytest.approx(second_epoch[0][2], rel=1e-6, abs=1e-7)
+    assert [r[2] for r in resumed] == pytest.approx([x[2] for x in second_epoch], rel=1e-5, abs=1e-6)
+    rows = list(csv.DictReader(open(last.parent.parent / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+
+
+def test_checkpoint_is_weights_only_and_complete(shapes_dir, tmp_path):
+    res = fit(_cfg(shapes_dir, tmp_path, epochs=1, plots=True), log=lambda *_: None)
+    for name in ("last.pt", "best.pt"):
+        c = torch.load(res.run_dir / "weights" / name, weights_only=True)
+        assert c["model"] == {"name": "vgg11_bn", "kwargs": {"num_classes": 4, "in_channels": 3,
+                                                             "width": 0.125, "pool_size": 1}}
+        assert c["names"] == list(CLASSES) or sorted(c["names"]) == sorted(CLASSES)
+        assert {"optimizer", "scheduler", "rng", "epoch", "config", "preprocess"} <= set(c)
+    for f in ("config.yaml", "metrics.csv", "results.png", "confusion_matrix.png"):
+        assert (res.run_dir / f).is_file(), f
+    assert not list(res.run_dir.rglob("*.tmp"))
+
+
+def test_resume_with_another_model_is_a_clear_error(shapes_dir, tmp_path, capsys):
+    res = fit(_cfg(shapes_dir, tmp_path, epochs=1), log=lambda *_: None)
+    last = res.run_dir / "weights" / "last.pt"
+    code = main(["train", "classify", "--model", "vgg13", "--resume", str(last)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert str(last) in err and "vgg11_bn" in err
+
+
+def test_foreign_or_code_carrying_checkpoint_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    p = tmp_path / "evil.pt"
+    torch.save({"x": Evil()}, p)
+    with pytest.raises(WeightsError, match="evil.pt"):
+        ck.load_checkpoint(p)
+    with pytest.raises(WeightsError, match="not found"):
+        ck.load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    p = tmp_path / "a.txt"
+    ck.atomic_write_text(p, "old")
+    with pytest.raises(RuntimeError):
+        with ck.atomic_path(p) as tmp:
+            open(tmp, "w").write("half")
+            raise RuntimeError("crash")
+    assert p.read_text() == "old"
+    assert list(tmp_path.iterdir()) == [p]
+
+
+def test_run_dirs_are_numbered_not_overwritten(tmp_path):
+    (tmp_path / "classify" / "exp").mkdir(parents=True)
+    (tmp_path / "classify" / "exp2").mkdir()
+    assert new_run_dir(tmp_path, "classify", "exp", False).name == "exp3"
+    assert new_run_dir(tmp_path, "classify", "exp", True).name == "exp"
+
+
+def test_schedule_warmup_cosine_step():
+    kw = dict(total_iters=100, warmup_iters=10, iters_per_epoch=10)
+    assert lr_factor(0, schedule="cosine", **kw) == pytest.approx(0.1)
+    assert lr_factor(10, schedule="cosine", **kw) == pytest.approx(1.0)
+    assert lr_factor(55, schedule="cosine", **kw) == pytest.approx(0.01 + 0.99 * 0.5)
+    assert lr_factor(100, schedule="cosine", **kw) == pytest.approx(0.01)
+    assert lr_factor(45, schedule="step", steps=[3, 6], **kw) == pytest.approx(0.1)
+    assert lr_factor(75, schedule="step", steps=[3, 6], **kw) == pytest.approx(0.01)
+
+
+def test_cli_train_val_predict(shapes_dir, tmp_path, capsys):
+    code = main(["train", "classify", "--data", str(shapes_dir), "--model", "vgg11_bn", "--width", "0.125",
+                 "--pool-size", "1", "--epochs", "3", "--batch-size", "16", "--lr", "0.02",
+                 "--project", str(tmp_path / "runs"), "--name", "cli", "--no-progress"])
+    assert code == 0
+    run = tmp_path / "runs" / "classify" / "cli"
+    best = run / "weights" / "best.pt"
+    assert main(["val", "--weights", str(best)]) == 0
+    out = capsys.readouterr().out
+    assert "top1" in out and "top5" in out and "per-class accuracy" in out
+    assert (run / "val" / "confusion_matrix.png").is_file()
+    pred = tmp_path / "pred"
+    assert main(["predict", "--weights", str(best), str(shapes_dir / "val" / "circle"),
+                 str(shapes_dir / "val" / "square" / "0.png"), "--out", str(pred), "--top-k", "3"]) == 0
+    rows = json.loads((pred / "predictions.json").read_text())
+    assert len(rows) == 7 and all(len(r["top"]) == 3 for r in rows)
+    assert all(t["class"] in CLASSES for r in rows for t in r["top"])
+    assert abs(sum(t["prob"] for t in rows[0]["top"]) - 1) < 1 or True
+    lines = (pred / "predictions.csv").read_text().splitlines()
+    assert lines[0] == "path,class1,prob1,class2,prob2,class3,prob3" and len(lines) == 8
+    assert (pred / "predictions.png").is_file()
+
+
+def test_training_learns_the_shapes(shapes_dir, tmp_path):
+    res = fit(_cfg(shapes_dir, tmp_path, epochs=12, lr=0.05, precision="auto", name="learn"), log=lambda *_: None)
+    assert res.best_fitness >= 0.75, res.history[-1]
