@@ -94,6 +94,7 @@ def test_conv2d_chapter_formula_single_channel():
 def test_conv1x1_is_a_linear_layer_at_every_position(cin, cout, h, w, four_d, use_bias, seed):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(2, cin, h, w, generator=gen, dtype=torch.float64)
+    torch.manual_seed(seed)
     linear = torch.nn.Linear(cin, cout, bias=use_bias, dtype=torch.float64)
     weight = linear.weight.detach()
     bias = linear.bias.detach() if use_bias else None
@@ -127,6 +128,19 @@ def test_max_pool2d_matches_torch_values_indices_and_gradient(ah, aw, ceil_mode,
     values, indices = max_pool2d(x, **geo)
     assert torch.equal(indices, ref_indices)
     assert_same(lambda t: max_pool2d(t, **geo)[0], lambda t: F.max_pool2d(t, **geo), [x], gen)
+
+
+@FEW
+@given(axis(pool=True, max_dilation=2), axis(pool=True, max_dilation=2), st.booleans(), seeds)
+def test_max_pool2d_ties_pick_the_same_index_as_torch(ah, aw, ceil_mode, seed):
+    (h, kh, sh, ph, dh), (w, kw, sw, pw, dw) = ah, aw
+    x = torch.randint(0, 3, (2, 3, h, w), generator=torch.Generator().manual_seed(seed)).double()
+    geo = dict(kernel_size=(kh, kw), stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw),
+               ceil_mode=ceil_mode)
+    ref_values, ref_indices = F.max_pool2d(x, **geo, return_indices=True)
+    if not torch.isinf(ref_values).any():
+        values, indices = max_pool2d(x, **geo)
+        assert torch.equal(values, ref_values) and torch.equal(indices, ref_indices)
 
 
 @SOME
@@ -165,7 +179,8 @@ def test_upsample_nearest_matches_interpolate(h, w, fh, fw, seed):
 
 @SOME
 @given(st.integers(1, 8), st.integers(1, 8), st.booleans(), st.booleans(),
-       st.tuples(st.floats(0.4, 3.5), st.floats(0.4, 3.5)), st.tuples(st.integers(1, 12), st.integers(1, 12)),
+       st.tuples(st.floats(0.4, 3.5), st.floats(0.4, 3.5)),
+       st.tuples(st.integers(1, 12), st.integers(1, 12)),
        seeds)
 def test_upsample_bilinear_matches_interpolate(h, w, align_corners, by_size, factors, size, seed):
     gen = torch.Generator().manual_seed(seed)
@@ -401,7 +416,8 @@ def test_receptive_field_of_hand_worked_stacks():
 @given(st.lists(st.tuples(st.booleans(), st.integers(1, 3), st.integers(1, 2), st.integers(1, 2)),
                 min_size=1, max_size=4))
 def test_receptive_field_equals_the_pixels_a_real_stack_looks_at(layers):
-    """Gradient of output pixel (0, 0) of an all-positive conv/avg-pool stack: its extent is the field."""
+    """The gradient of output pixel (0, 0) of an all-positive conv/avg-pool stack w.r.t. the input
+    is non-zero exactly over that pixel's receptive field."""
     geometry, modules = [], []
     for is_pool, k, s, d in layers:
         d = 1 if is_pool else d

@@ -19,8 +19,6 @@ def demo_config(quick: bool = False):
 def run_demo(quick: bool = False) -> int:
     from cnnkit.engine.inference import validate
     from cnnkit.engine.trainer import fit
-    from cnnkit.engine.loop import DivergedError  # noqa: F401  (imported for its error type)
-    from cnnkit.tasks.classify import ClassifyTask
 
     start = time.perf_counter()
     cfg = demo_config(quick)
@@ -32,7 +30,7 @@ def run_demo(quick: bool = False) -> int:
     from cnnkit.engine.inference import load_trained
 
     trained = load_trained(best)
-    ClassifyTask().predict_paths(trained, [samples], out_dir=result.run_dir / "predict", top_k=3)
+    trained.task.predict_paths(trained, [samples], out_dir=result.run_dir / "predict", top_k=3)
     print()
     print(f"demo: {cfg.model} (width {cfg.model_kwargs['width']}) trained {cfg.epochs} epochs on "
           f"8,000 Fashion-MNIST images in {minutes:.1f} min")

@@ -155,7 +155,9 @@ def _load_resume(path: str, cfg: TrainConfig, explicit_model: bool) -> dict[str,
     if saved.get("task") != cfg.task:
         raise WeightsError(f"checkpoint is from a {saved.get('task')!r} run, not {cfg.task!r}", path=path,
                            fix=f"use `cnnkit train {saved.get('task')} --resume {path}`")
-    if explicit_model and ckpt["model"]["name"] != cfg.model.replace("-", "_").lower():
+    from cnnkit.models import get_entry
+
+    if explicit_model and get_entry(ckpt["model"]["name"]).name != get_entry(cfg.model).name:
         raise WeightsError(f"checkpoint holds model {ckpt['model']['name']!r}, not {cfg.model!r}", path=path,
                            fix=f"drop --model or use --model {ckpt['model']['name']}")
     return ckpt
@@ -249,7 +251,7 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, explicit_model: bool = F
         if cfg.plots:
             plot_curves(history, run_dir / "results.png", task.fitness)
         shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k in task.metric_names)
-        log(f"epoch {epoch + 1}/{cfg.epochs}  loss {train['train_loss']:.4f}  {shown}  "
+        log(f"epoch {epoch + 1}/{cfg.epochs}  train loss {train['train_loss']:.4f} | val {shown}  "
             f"{train['images_per_s']:.0f} img/s  {time.perf_counter() - t0:.1f}s" + ("  *best*" if is_best else ""))
     if metrics and cfg.plots:
         task.draw(metrics, run_dir, names=data.names)

@@ -28,7 +28,8 @@ _REGISTRY: dict[str, ModelEntry] = {}
 
 
 def _normalise(name: str) -> str:
-    return name.strip().lower().replace("-", "_")
+    """Lookup key: case, '-' and '_' do not matter ("VGG-11", "vgg_11" and "vgg11" are one model)."""
+    return name.strip().lower().replace("-", "").replace("_", "")
 
 
 def register_model(name: str, *, task: str = "classify", description: str = "", **defaults):
@@ -38,9 +39,8 @@ def register_model(name: str, *, task: str = "classify", description: str = "", 
         key = _normalise(name)
         if key in _REGISTRY:
             raise RuntimeError(f"model {name!r} registered twice")
-        doc = description or (builder.__doc__ or "").strip().splitlines()[0:1]
-        _REGISTRY[key] = ModelEntry(key, builder, task, doc if isinstance(doc, str) else "".join(doc),
-                                    dict(defaults))
+        doc = description or "".join((builder.__doc__ or "").strip().splitlines()[0:1])
+        _REGISTRY[key] = ModelEntry(name, builder, task, doc, dict(defaults))
         return builder
 
     return wrap
@@ -55,7 +55,8 @@ def get_entry(name: str) -> ModelEntry:
     _ensure_loaded()
     key = _normalise(name)
     if key not in _REGISTRY:
-        close = difflib.get_close_matches(key, list(_REGISTRY), n=3, cutoff=0.5)
+        names = {e.name: e for e in _REGISTRY.values()}
+        close = difflib.get_close_matches(name.strip().lower(), list(names), n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else "run `cnnkit models` to list them"
         raise ModelError(f"unknown model {name!r}", fix=hint)
     return _REGISTRY[key]
@@ -77,4 +78,4 @@ def build_model(name: str, **kwargs) -> nn.Module:
 
 def list_models(task: str | None = None) -> list[str]:
     _ensure_loaded()
-    return sorted(k for k, e in _REGISTRY.items() if task is None or e.task == task)
+    return sorted(e.name for e in _REGISTRY.values() if task is None or e.task == task)

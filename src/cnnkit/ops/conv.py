@@ -7,7 +7,7 @@ For one channel and a (2k+1) x (2k+1) kernel centred on the output pixel, the ch
 With zero padding k this is exactly what `torch.nn.functional.conv2d` computes (a cross-correlation:
 the kernel is not flipped). Generalised to channels, stride s, dilation d and groups:
 
-    out[b, o, i, j] = a( bias[o] + sum_c sum_m sum_n  w[o, c, m, n] * xp[b, g*C_g + c, s*i + d*m, s*j + d*n] )
+    out[b, o, i, j] = a( bias[o] + sum_{c,m,n} w[o, c, m, n] * xp[b, g*C_g + c, s*i + d*m, s*j + d*n] )
 
 where xp is the input zero-padded by `padding` on every side, g = o // (C_out / groups) is the group of
 output channel o, C_g = C_in / groups, and c runs over the C_g input channels of that group.

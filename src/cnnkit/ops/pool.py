@@ -67,7 +67,8 @@ def max_pool2d(x: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1,
 
     Returns (values, indices); indices[b, c, i, j] = h*W + w, the position of the maximum in the
     flattened H*W plane of the (unpadded) input, as F.max_pool2d(..., return_indices=True) gives.
-    A dilated window whose taps all fall in the padding is a ShapeError (torch returns -inf there).
+    Ties go to the first tap in row-major order, as in torch. A dilated window whose taps all fall
+    in the padding is a ShapeError (torch returns -inf there).
     stride defaults to kernel_size; every size argument is an int or an (H, W) pair.
     """
     k, s, p, d, out, extra = _pool_geometry(x, kernel_size, stride, padding, dilation, ceil_mode)
