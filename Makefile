@@ -20,5 +20,8 @@ test-slow: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m cnnkit demo
 
+bench: $(STAMP)
+	$(BIN)/python benchmarks/train_speed.py
+
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

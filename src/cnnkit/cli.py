@@ -94,6 +94,7 @@ def _add_train_flags(p: argparse.ArgumentParser, defaults) -> None:
     p.add_argument("--gamma", type=float, default=defaults.gamma)
     p.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
     p.add_argument("--ema", action="store_true", help="evaluate and save an exponential moving average of the weights")
+    p.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
     p.add_argument("--clip-grad", type=float, default=defaults.clip_grad, help="max gradient norm (0 = off)")
     p.add_argument("--no-augment", action="store_true", help="train without data augmentation")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=defaults.precision)
@@ -111,7 +112,7 @@ def _add_train_flags(p: argparse.ArgumentParser, defaults) -> None:
 
 
 TASK_DEFAULTS = {
-    "classify": dict(model="vgg11_bn", model_kwargs={"width": 0.25, "pool_size": 1}),
+    "classify": dict(model="vgg11_bn", model_kwargs={"width": 0.5, "pool_size": 1, "dropout": 0.2}),
 }
 
 
@@ -127,7 +128,7 @@ def config_from_args(task: str, args):
                       batch_size=args.batch_size, img_size=args.img_size, optimizer=args.optimizer, lr=args.lr,
                       momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
                       warmup_epochs=args.warmup_epochs, steps=list(args.steps), gamma=args.gamma,
-                      label_smoothing=args.label_smoothing, ema=args.ema, clip_grad=args.clip_grad,
+                      label_smoothing=args.label_smoothing, ema=args.ema, ema_decay=args.ema_decay, clip_grad=args.clip_grad,
                       augment=not args.no_augment, precision=args.precision, channels_last=args.channels_last,
                       device=args.device, workers=args.workers, seed=args.seed, project=args.project,
                       name=args.name, exist_ok=args.exist_ok, on_bad_image=args.on_bad_image,

@@ -5,15 +5,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-DEMO_EPOCHS = 15
+DEMO_EPOCHS = 35
 
 
 def demo_config(quick: bool = False):
     from cnnkit.engine.config import TrainConfig
 
-    return TrainConfig(task="classify", model="vgg11_bn", model_kwargs={"width": 0.25, "pool_size": 1},
+    return TrainConfig(task="classify", model="vgg11_bn", model_kwargs={"width": 0.5, "pool_size": 1, "dropout": 0.2},
                        data="fashion-mnist", epochs=1 if quick else DEMO_EPOCHS, batch_size=64, img_size=32,
-                       lr=0.05, label_smoothing=0.1, name="demo", project="runs", progress=False)
+                       lr=0.05, name="demo", project="runs", progress=False)
 
 
 def run_demo(quick: bool = False) -> int:

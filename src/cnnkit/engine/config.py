@@ -26,7 +26,7 @@ class TrainConfig:
     gamma: float = 0.1
     label_smoothing: float = 0.0
     ema: bool = False
-    ema_decay: float = 0.9998
+    ema_decay: float = 0.999
     clip_grad: float = 0.0
     augment: bool = True
     precision: str = "auto"

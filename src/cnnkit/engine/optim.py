@@ -42,12 +42,19 @@ def parameter_groups(model: nn.Module, weight_decay: float, lr: float,
 
 
 def build_optimizer(groups: list[dict], name: str, lr: float, momentum: float) -> torch.optim.Optimizer:
+    """SGD (Nesterov momentum) or AdamW; the fused multi-tensor kernel where torch has one for the
+    device (several times faster than the per-tensor loop on a CPU), else the foreach one."""
     name = name.lower()
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999))
-    raise UsageError(f"unknown optimizer {name!r}", fix=f"choose one of {', '.join(OPTIMIZERS)}")
+    if name not in OPTIMIZERS:
+        raise UsageError(f"unknown optimizer {name!r}", fix=f"choose one of {', '.join(OPTIMIZERS)}")
+    for impl in ({"fused": True}, {"foreach": True}, {}):
+        try:
+            if name == "sgd":
+                return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0, **impl)
+            return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999), **impl)
+        except (RuntimeError, TypeError, ValueError):
+            continue
+    raise AssertionError("unreachable")
 
 
 def lr_factor(it: int, *, total_iters: int, warmup_iters: int, schedule: str, iters_per_epoch: int,
@@ -75,14 +82,15 @@ def build_scheduler(optimizer: torch.optim.Optimizer, **kwargs) -> torch.optim.l
 
 class ModelEMA:
     """Exponential moving average of weights: ema = d * ema + (1 - d) * w, with the decay ramped
-    up as d = decay * (1 - exp(-updates / 2000)) so early averages are not dominated by init."""
+    up as d = decay * (1 - exp(-updates / ramp)) so early averages are not dominated by the initial
+    weights. The ramp defaults to a tenth of the averaging window 1 / (1 - decay)."""
 
-    def __init__(self, model: nn.Module, decay: float = 0.9998, ramp: float = 2000.0):
+    def __init__(self, model: nn.Module, decay: float = 0.999, ramp: float | None = None):
         self.module = copy.deepcopy(model).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
         self.decay = decay
-        self.ramp = ramp
+        self.ramp = ramp if ramp is not None else 0.1 / (1.0 - decay)
         self.updates = 0
 
     @torch.no_grad()

@@ -120,15 +120,15 @@ def _num(v: str):
             return v
 
 
-def plot_curves(rows: list[dict[str, Any]], path: Path, fitness: str) -> None:
-    """Loss and validation-metric curves, one PNG (atomic)."""
+def plot_curves(rows: list[dict[str, Any]], path: Path, fitness: str, metric_names=()) -> None:
+    """Loss curves and the task's validation-metric curves, one PNG (atomic)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     epochs = [r["epoch"] for r in rows]
     loss_keys = [k for k in rows[-1] if k.startswith("train_") or k == "val_loss"]
-    metric_keys = [k for k in rows[-1] if k.startswith("val_") and k != "val_loss"]
+    metric_keys = [f"val_{m}" for m in metric_names if m != "loss" and f"val_{m}" in rows[-1]]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for k in loss_keys:
         axes[0].plot(epochs, [r.get(k) for r in rows], marker=".", label=k)
@@ -249,7 +249,7 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, explicit_model: bool = F
         if is_best:
             ck.save_checkpoint(run_dir / "weights" / "best.pt", state)
         if cfg.plots:
-            plot_curves(history, run_dir / "results.png", task.fitness)
+            plot_curves(history, run_dir / "results.png", task.fitness, task.metric_names)
         shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k in task.metric_names)
         log(f"epoch {epoch + 1}/{cfg.epochs}  train loss {train['train_loss']:.4f} | val {shown}  "
             f"{train['images_per_s']:.0f} img/s  {time.perf_counter() - t0:.1f}s" + ("  *best*" if is_best else ""))

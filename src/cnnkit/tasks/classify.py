@@ -27,20 +27,39 @@ def default_normalisation(channels: int) -> tuple[tuple[float, ...], tuple[float
 
 
 def train_transform(img_size: int, source_size: int, augment: bool):
-    """Small sources (<= 1.5x the input size, e.g. MNIST): resize, pad-and-crop, flip.
+    """Small sources (<= 1.5x the input size, e.g. MNIST): fit, pad-and-crop, flip, random erasing
+    (Zhong et al. 2020).
     Larger photos: random-resized crop and flip (the Inception / ResNet recipe)."""
     if not augment:
         return eval_transform(img_size)
     if source_size <= 1.5 * img_size:
-        return v2.Compose([v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size),
+        return v2.Compose([FitTo(img_size),
                            v2.RandomCrop(img_size, padding=max(1, img_size // 8)),
-                           v2.RandomHorizontalFlip()])
+                           v2.RandomHorizontalFlip(),
+                           v2.RandomErasing(p=0.5, scale=(0.02, 0.25), value=0)])
     return v2.Compose([v2.RandomResizedCrop(img_size, scale=(0.25, 1.0), antialias=True),
                        v2.RandomHorizontalFlip()])
 
 
+class FitTo(torch.nn.Module):
+    """Bring an image to img_size x img_size: an image no larger than that is zero-padded around
+    its centre (keeps small images such as 28x28 Fashion-MNIST sharp); a larger one has its shorter
+    side resized to img_size, then is centre-cropped. Decided per image."""
+
+    def __init__(self, img_size: int):
+        super().__init__()
+        self.img_size = img_size
+        self.crop = v2.CenterCrop(img_size)
+        self.resize = v2.Resize(img_size, antialias=True)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        if max(img.shape[-2:]) > self.img_size:
+            img = self.resize(img)
+        return self.crop(img)  # CenterCrop pads with zeros where the image is smaller
+
+
 def eval_transform(img_size: int):
-    return v2.Compose([v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size)])
+    return FitTo(img_size)
 
 
 def normalise(images: torch.Tensor, mean, std) -> torch.Tensor:
