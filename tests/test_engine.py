@@ -175,5 +175,6 @@ def test_cli_train_val_predict(shapes_dir, tmp_path, capsys):
 
 
 def test_training_learns_the_shapes(shapes_dir, tmp_path):
-    res = fit(_cfg(shapes_dir, tmp_path, epochs=12, lr=0.05, precision="auto", name="learn"), log=lambda *_: None)
+    res = fit(_cfg(shapes_dir, tmp_path, epochs=15, lr=0.05, precision="auto", augment=False, name="learn"),
+              log=lambda *_: None)
     assert res.best_fitness >= 0.75, res.history[-1]
