@@ -178,3 +178,20 @@ def test_training_learns_the_shapes(shapes_dir, tmp_path):
     res = fit(_cfg(shapes_dir, tmp_path, epochs=15, lr=0.05, precision="auto", augment=False, name="learn"),
               log=lambda *_: None)
     assert res.best_fitness >= 0.75, res.history[-1]
+
+
+def test_cli_corrupt_image_error_then_skip(shapes_dir, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(shapes_dir, data)
+    bad = data / "train" / "dots" / "broken.png"
+    bad.write_bytes((data / "train" / "dots" / "0.png").read_bytes()[:60])  # truncated PNG
+    argv = ["train", "classify", "--data", str(data), "--model", "vgg11_bn", "--width", "0.125", "--pool-size", "1",
+            "--epochs", "1", "--batch-size", "16", "--project", str(tmp_path / "runs"), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "broken.png" in err[0] and "--on-bad-image skip" in err[0]
+    assert main(argv + ["--on-bad-image", "skip"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 1 bad image(s)" in out and "broken.png" in out
