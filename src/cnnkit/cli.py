@@ -85,6 +85,13 @@ def _add_train_flags(p: argparse.ArgumentParser, defaults) -> None:
     p.add_argument("--width", type=float, default=None, help="channel width multiplier (default: the model's own; 0.5 for the classify default)")
     p.add_argument("--pool-size", type=int, default=None, help="adaptive pool size before the classifier (default: the model's own; 1 for the classify default)")
     p.add_argument("--dropout", type=float, default=None, help="classifier dropout (default: the model's own; 0.2 for the classify default)")
+    p.add_argument("--weights", default=None, help="initial weights: imagenet (offline where available, see "
+                   "`cnnkit weights list`), a torchvision weight name such as VGG16_Weights.IMAGENET1K_V1, or a "
+                   ".pt/.pth/.safetensors file (default: random initialisation)")
+    p.add_argument("--download", action="store_true", help="allow downloading torchvision weights into TORCH_HOME")
+    p.add_argument("--freeze-backbone", action="store_true", help="train only the head; the backbone's BatchNorm stays in eval mode")
+    p.add_argument("--unfreeze-at", type=int, default=defaults.unfreeze_at, help="1-based epoch at which a frozen backbone starts training (0 = never)")
+    p.add_argument("--backbone-lr-scale", type=float, default=defaults.backbone_lr_scale, help="backbone learning rate = lr x this")
     p.add_argument("--optimizer", choices=("sgd", "adamw"), default=defaults.optimizer, help="optimizer")
     p.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (after warm-up)")
     p.add_argument("--momentum", type=float, default=defaults.momentum, help="SGD momentum (AdamW beta1)")
@@ -108,6 +115,7 @@ def _add_train_flags(p: argparse.ArgumentParser, defaults) -> None:
     p.add_argument("--exist-ok", action="store_true", help="reuse runs/<task>/<name> instead of numbering a new one")
     p.add_argument("--resume", default=None, metavar="LAST_PT", help="continue the run of this last.pt exactly where it stopped")
     p.add_argument("--on-bad-image", choices=("error", "skip"), default=defaults.on_bad_image, help="what a corrupt image does")
+    p.add_argument("--train-subset", type=int, default=0, help="train on a stratified subset of this many images (0 = all)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0 = no limit)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch only)")
 
@@ -133,7 +141,9 @@ def config_from_args(task: str, args):
                       augment=not args.no_augment, precision=args.precision, channels_last=args.channels_last,
                       device=args.device, workers=args.workers, seed=args.seed, project=args.project,
                       name=args.name, exist_ok=args.exist_ok, on_bad_image=args.on_bad_image,
-                      max_steps=args.max_steps, progress=not args.no_progress and sys.stderr.isatty())
+                      max_steps=args.max_steps, train_subset=args.train_subset, weights=args.weights, download=args.download,
+                      freeze_backbone=args.freeze_backbone, unfreeze_at=args.unfreeze_at,
+                      backbone_lr_scale=args.backbone_lr_scale, progress=not args.no_progress and sys.stderr.isatty())
     return cfg, explicit_model
 
 
@@ -171,9 +181,13 @@ def _print_metrics(m: dict) -> None:
 
 
 def cmd_predict(args) -> int:
-    from cnnkit.engine.inference import load_trained
+    from cnnkit.engine.inference import load_pretrained, load_trained
 
-    t = load_trained(args.weights, device=args.device, precision=args.precision)
+    if args.model:
+        t = load_pretrained(args.model, args.weights, download=args.download, device=args.device,
+                            precision=args.precision)
+    else:
+        t = load_trained(args.weights, device=args.device, precision=args.precision)
     out = Path(args.out) if args.out else Path("runs") / t.task.name / "predict"
     rows = t.task.predict_paths(t, args.sources, out_dir=out, top_k=args.top_k, batch_size=args.batch_size)
     for r in rows[: args.show]:
@@ -181,6 +195,13 @@ def cmd_predict(args) -> int:
     if len(rows) > args.show:
         print(f"... {len(rows) - args.show} more")
     print(f"{len(rows)} image(s); results in {out}")
+    return 0
+
+
+def cmd_weights_list(args) -> int:
+    from cnnkit.models.weights import format_weights_table
+
+    print(format_weights_table())
     return 0
 
 
@@ -229,7 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("predict", help="predict images or folders with a checkpoint", formatter_class=_fmt())
     s.add_argument("sources", nargs="+", metavar="IMAGES_OR_FOLDERS")
-    s.add_argument("--weights", required=True, help="a best.pt / last.pt written by `cnnkit train`")
+    s.add_argument("--weights", required=True, help="a best.pt / last.pt written by `cnnkit train`; with --model, "
+                   "pretrained weights (imagenet, a torchvision weight name, or a file)")
+    s.add_argument("--model", default=None, help="predict with this registry model and --weights instead of a checkpoint")
+    s.add_argument("--download", action="store_true", help="allow downloading torchvision weights")
     s.add_argument("--top-k", type=int, default=5, help="classes listed per image")
     s.add_argument("--batch-size", type=int, default=64, help="images per batch")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -237,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="output folder (default runs/<task>/predict)")
     s.add_argument("--show", type=int, default=20, help="print this many results")
     s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("weights", help="pretrained weights: what is available offline and what needs a download",
+                       formatter_class=_fmt())
+    wsub = s.add_subparsers(dest="weights_command", required=True, parser_class=_Parser)
+    w = wsub.add_parser("list", help="list every known weight and where it comes from", formatter_class=_fmt())
+    w.set_defaults(func=cmd_weights_list)
 
     s = sub.add_parser("demo", help="train the default small VGG on the embedded Fashion-MNIST and show it",
                        formatter_class=_fmt())

@@ -12,6 +12,11 @@ class TrainConfig:
     task: str = "classify"
     model: str = "vgg11_bn"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None  # initial weights: "imagenet", a torchvision weight name, or a file
+    download: bool = False  # allow downloading torchvision weights
+    freeze_backbone: bool = False
+    unfreeze_at: int = 0  # 1-based epoch at which a frozen backbone trains again (0 = never)
+    backbone_lr_scale: float = 1.0
     data: str = "fashion-mnist"
     epochs: int = 10
     batch_size: int = 64
@@ -38,6 +43,7 @@ class TrainConfig:
     name: str = "exp"
     exist_ok: bool = False
     on_bad_image: str = "error"
+    train_subset: int = 0  # train on a stratified subset of this many images (0 = all)
     max_steps: int = 0  # stop after this many optimizer steps in total (0 = no limit); for tests and benchmarks
     plots: bool = True
     progress: bool = True

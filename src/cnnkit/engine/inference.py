@@ -56,6 +56,37 @@ def load_trained(weights: str | Path, *, device: str = "auto", precision: str = 
     return Trained(task, model, ckpt, list(ckpt["names"]), dev, prec, cl)
 
 
+def load_pretrained(model: str, weights: str, *, download: bool = False, device: str = "auto",
+                    precision: str = "auto", log=print) -> Trained:
+    """A registry model with pretrained weights (e.g. efficientnet_lite0 + "imagenet"), ready to predict:
+    class names from the weights' metadata, preprocessing from the weights."""
+    from cnnkit.models import build_model
+    from cnnkit.tasks import get_task
+
+    net = build_model(model, weights=weights, download=download)
+    pre = dict(getattr(net, "cnnkit_preprocess", None) or {})
+    names = list(getattr(net, "cnnkit_categories", None) or [])
+    n_out = getattr(net, "num_classes", None) or len(names)
+    if not names:
+        names = [f"class_{i}" for i in range(n_out)]
+    pre.setdefault("img_size", 224)
+    pre.setdefault("mean", [0.485, 0.456, 0.406])
+    pre.setdefault("std", [0.229, 0.224, 0.225])
+    pre.setdefault("crop_pct", 0.875)
+    pre.setdefault("channels", getattr(net, "in_channels", 3))
+    task = get_task("classify")
+    task.configure(pre)
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    cl = use_channels_last("auto", dev, prec)
+    net = net.to(dev).eval()
+    if cl:
+        net = net.to(memory_format=torch.channels_last)
+    ckpt = {"task": "classify", "model": {"name": net.cnnkit_name, "kwargs": dict(net.cnnkit_kwargs)},
+            "names": names, "preprocess": pre}
+    return Trained(task, net, ckpt, names, dev, prec, cl)
+
+
 def validate(weights: str | Path, *, data: str | None = None, batch_size: int = 128, device: str = "auto",
              precision: str = "auto", workers: int = -1, out_dir: str | Path | None = None,
              log=print) -> dict[str, Any]:

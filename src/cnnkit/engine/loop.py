@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from cnnkit.errors import CnnkitError
 from cnnkit.engine.device import Precision
+from cnnkit.engine.finetune import train_mode
 from cnnkit.engine.optim import ModelEMA
 
 
@@ -32,7 +33,7 @@ def train_one_epoch(model: nn.Module, task, loader, optimizer: torch.optim.Optim
                     clip_grad: float = 0.0, max_steps: int = 0, epoch: int = 0, epochs: int = 1,
                     progress: bool = True, on_step=None) -> dict[str, Any]:
     """Train for one epoch (or until `max_steps` steps); returns mean loss, its parts and images/s."""
-    model.train()
+    train_mode(model)
     totals: dict[str, float] = {}
     seen = steps = 0
     start = time.perf_counter()

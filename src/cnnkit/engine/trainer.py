@@ -7,6 +7,7 @@ weights/best.pt (best validation fitness), plus what the task draws after the fi
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import time
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader
 import cnnkit
 from cnnkit.engine import checkpoint as ck
 from cnnkit.engine.config import TrainConfig
+from cnnkit.engine.finetune import backbone_parameters, is_frozen_at, set_backbone_frozen
 from cnnkit.engine.device import auto_workers, resolve_device, resolve_precision, use_channels_last
 from cnnkit.engine.loop import evaluate, train_one_epoch
 from cnnkit.engine.optim import ModelEMA, build_optimizer, build_scheduler, parameter_groups
@@ -184,14 +186,17 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, explicit_model: bool = F
     ck.seed_everything(cfg.seed)
 
     data = task.build_data(cfg)
-    model = task.build_model(cfg, data).to(device)
+    # a resumed run rebuilds the architecture only: its own checkpoint holds the weights
+    model = task.build_model(dataclasses.replace(cfg, weights=None) if ckpt is not None else cfg, data).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     train_loader = make_loader(data.train, cfg, shuffle=True, collate_fn=data.collate_fn,
                                in_memory=data.in_memory, device=device)
     val_loader = make_loader(data.val, cfg, shuffle=False, collate_fn=data.collate_fn,
                              in_memory=data.in_memory, device=device, batch_size=cfg.batch_size * 2)
-    groups = parameter_groups(model, cfg.weight_decay, cfg.lr)
+    backbone = backbone_parameters(model) if (cfg.freeze_backbone or cfg.backbone_lr_scale != 1.0) else []
+    groups = parameter_groups(model, cfg.weight_decay, cfg.lr, backbone=backbone,
+                              backbone_lr_scale=cfg.backbone_lr_scale)
     optimizer = build_optimizer(groups, cfg.optimizer, cfg.lr, cfg.momentum)
     iters = len(train_loader)
     total = cfg.epochs * iters  # --max-steps stops early without changing the schedule
@@ -228,6 +233,10 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, explicit_model: bool = F
     for epoch in range(start_epoch, cfg.epochs):
         if cfg.max_steps and steps_done >= cfg.max_steps:
             break
+        if cfg.freeze_backbone:
+            frozen = is_frozen_at(epoch, cfg.freeze_backbone, cfg.unfreeze_at)
+            if set_backbone_frozen(model, frozen) and (epoch > start_epoch or not frozen):
+                log(f"epoch {epoch + 1}: backbone {'frozen' if frozen else 'unfrozen'}")
         t0 = time.perf_counter()
         train = train_one_epoch(model, task, train_loader, optimizer, scheduler, precision, device=device,
                                 channels_last=channels_last, scaler=scaler, ema=ema, clip_grad=cfg.clip_grad,

@@ -42,24 +42,26 @@ def train_transform(img_size: int, source_size: int, augment: bool):
 
 
 class FitTo(torch.nn.Module):
-    """Bring an image to img_size x img_size: an image no larger than that is zero-padded around
-    its centre (keeps small images such as 28x28 Fashion-MNIST sharp); a larger one has its shorter
-    side resized to img_size, then is centre-cropped. Decided per image."""
+    """Bring an image to img_size x img_size, decided per image: one slightly smaller (3/4 of the
+    size or more) is zero-padded around its centre, which keeps small images sharp (28x28
+    Fashion-MNIST into 32x32); any other has its shorter side resized to img_size / crop_pct
+    (ImageNet evaluation: 256 for 224, crop_pct 0.875), then is centre-cropped."""
 
-    def __init__(self, img_size: int):
+    def __init__(self, img_size: int, crop_pct: float = 1.0):
         super().__init__()
         self.img_size = img_size
         self.crop = v2.CenterCrop(img_size)
-        self.resize = v2.Resize(img_size, antialias=True)
+        self.resize = v2.Resize(int(round(img_size / crop_pct)), antialias=True)
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
-        if max(img.shape[-2:]) > self.img_size:
+        side = max(img.shape[-2:])
+        if side > self.img_size or side < 0.75 * self.img_size:
             img = self.resize(img)
         return self.crop(img)  # CenterCrop pads with zeros where the image is smaller
 
 
-def eval_transform(img_size: int):
-    return FitTo(img_size)
+def eval_transform(img_size: int, crop_pct: float = 1.0):
+    return FitTo(img_size, crop_pct)
 
 
 def normalise(images: torch.Tensor, mean, std) -> torch.Tensor:
@@ -67,6 +69,16 @@ def normalise(images: torch.Tensor, mean, std) -> torch.Tensor:
     m = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
     s = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
     return (images.float() / 255.0 - m) / s
+
+
+def stratified_subset(dataset, n: int) -> torch.utils.data.Subset:
+    """The first ceil(n / classes) items of each class (in dataset order), n in all: deterministic."""
+    labels = torch.as_tensor(dataset.labels) if hasattr(dataset, "labels") else \
+        torch.tensor([dataset[i][1] for i in range(len(dataset))])
+    classes = labels.unique()
+    per_class = -(-n // len(classes))
+    picked = torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in classes])
+    return torch.utils.data.Subset(dataset, picked.sort().values[:n].tolist())
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, int]:
@@ -97,15 +109,20 @@ class ClassifyTask(Task):
         from cnnkit.data import load_classification_data
 
         d = load_classification_data(cfg.data, on_bad_image=cfg.on_bad_image)
+        train = d.train
         first = d.train[0][0]
         source_size = max(first.shape[-2:])
         self.mean, self.std = default_normalisation(d.channels)
         self.label_smoothing = cfg.label_smoothing
         d.train.transform = train_transform(cfg.img_size, source_size, cfg.augment)
         d.val.transform = eval_transform(cfg.img_size)
+        source = d.source
+        if cfg.train_subset:
+            train = stratified_subset(d.train, cfg.train_subset)
+            source += f", training on a stratified subset of {len(train)}"
         meta = {"img_size": cfg.img_size, "channels": d.channels, "mean": list(self.mean), "std": list(self.std)}
-        return TaskData(d.train, d.val, list(d.names), in_memory=bool(getattr(d, "in_memory", True)),
-                        source=d.source, meta=meta, skipped=list(d.skipped))
+        return TaskData(train, d.val, list(d.names), in_memory=bool(getattr(d, "in_memory", True)),
+                        source=source, meta=meta, skipped=list(d.skipped))
 
     def configure(self, meta: dict[str, Any]) -> None:
         """Set preprocessing from a checkpoint's `preprocess` entry."""
@@ -118,8 +135,19 @@ class ClassifyTask(Task):
     def build_model(self, cfg, data: TaskData):
         from cnnkit.models import build_model
 
-        return build_model(cfg.model, num_classes=len(data.names), in_channels=data.meta["channels"],
-                           **cfg.model_kwargs)
+        kwargs = dict(num_classes=len(data.names), in_channels=data.meta["channels"], **cfg.model_kwargs)
+        if cfg.weights:
+            kwargs.update(weights=cfg.weights, download=cfg.download)
+        model = build_model(cfg.model, **kwargs)
+        pre = getattr(model, "cnnkit_preprocess", None)
+        if cfg.weights and pre:  # pretrained weights bring their own input normalisation
+            channels = data.meta["channels"]
+            mean, std = list(pre["mean"]), list(pre["std"])
+            if channels != len(mean):  # grey input into a colour-trained net: the channel average
+                mean, std = [sum(mean) / len(mean)] * channels, [sum(std) / len(std)] * channels
+            data.meta.update(mean=mean, std=std)
+            self.configure(data.meta)
+        return model
 
     def loss(self, model, images, targets):
         logits = model(images)
@@ -184,7 +212,7 @@ class ClassifyTask(Task):
 
         paths = collect_image_paths(sources)
         channels = int(trained.ckpt.get("preprocess", {}).get("channels", 3))
-        tf = eval_transform(trained.img_size)
+        tf = eval_transform(trained.img_size, float(trained.ckpt.get("preprocess", {}).get("crop_pct", 1.0)))
         names, rows, thumbs = trained.names, [], []
         for start in range(0, len(paths), batch_size):
             chunk = paths[start:start + batch_size]
