@@ -86,3 +86,30 @@ def test_python_dash_m_and_console_script():
     assert r.returncode == 0 and "vgg16_bn" in r.stdout.split()
     r = subprocess.run([sys.executable, "-m", "cnnkit", "info", "nope"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_predict_imagenet_out_of_the_box(capsys, tmp_path):
+    from importlib.resources import files
+
+    photos = files("cnnkit") / "assets" / "photos"
+    code, out, err = run(capsys, "predict", "--model", "efficientnet_lite0", "--weights", "imagenet",
+                         str(photos / "coffee.jpg"), str(photos / "chelsea.jpg"), "--out", str(tmp_path))
+    assert code == 0, err
+    coffee = [line for line in out.splitlines() if "coffee.jpg:" in line][0]
+    assert coffee.split(": ", 1)[1].startswith("espresso")
+    cat = [line for line in out.splitlines() if "chelsea.jpg:" in line][0]
+    assert any(c in cat for c in ("tabby", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat"))
+    assert (tmp_path / "predictions.png").is_file()
+
+
+def test_weights_list_shows_offline_and_download(capsys):
+    code, out, err = run(capsys, "weights", "list")
+    assert code == 0, err
+    lite = [line for line in out.splitlines() if line.startswith("efficientnet_lite0 ")]
+    assert lite and "offline" in lite[0]
+    assert any(line.startswith("vgg16 ") and "download" in line for line in out.splitlines())
+
+
+def test_unknown_weight_name_is_one_line(capsys):
+    code, out, err = run(capsys, "predict", "--model", "vgg16", "--weights", "VGG16_Weights.IMAGENET1K_V9", "x.jpg")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "IMAGENET1K_V1" in err

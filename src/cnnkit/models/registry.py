@@ -47,8 +47,10 @@ def register_model(name: str, *, task: str = "classify", description: str = "", 
 
 
 def _ensure_loaded() -> None:
-    # Importing the package registers every built-in architecture.
+    # Importing the package registers every built-in architecture; backbones registers the timm and
+    # torchvision classifiers (it imports neither library until a model is built).
     import cnnkit.models  # noqa: F401
+    import cnnkit.models.backbones  # noqa: F401
 
 
 def get_entry(name: str) -> ModelEntry:
@@ -62,8 +64,15 @@ def get_entry(name: str) -> ModelEntry:
     return _REGISTRY[key]
 
 
-def build_model(name: str, **kwargs) -> nn.Module:
-    """Build the registered model `name` with `kwargs` passed to its builder."""
+def build_model(name: str, *, weights=None, download: bool = False, log=print, **kwargs) -> nn.Module:
+    """Build the registered model `name` with `kwargs` passed to its builder.
+
+    `weights` ("imagenet", a torchvision weight name such as "VGG16_Weights.IMAGENET1K_V1", or a
+    .safetensors/.pt/.pth file) are loaded after building, with timm-style head surgery; `download`
+    allows fetching uncached weights and `log` receives the one-line report
+    (`cnnkit.models.weights.load_weights`). `model.cnnkit_kwargs` records `kwargs` only, so a cnnkit
+    checkpoint rebuilds the architecture and then loads its own state_dict.
+    """
     entry = get_entry(name)
     merged = {**entry.defaults, **kwargs}
     try:
@@ -73,6 +82,10 @@ def build_model(name: str, **kwargs) -> nn.Module:
     # What a checkpoint needs to rebuild this model with no other flag.
     model.cnnkit_name = entry.name  # type: ignore[attr-defined]
     model.cnnkit_kwargs = dict(kwargs)  # type: ignore[attr-defined]
+    if weights is not None:
+        from cnnkit.models.weights import load_weights
+
+        load_weights(model, weights, download=download, log=log)
     return model
 
 
