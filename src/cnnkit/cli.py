@@ -77,7 +77,7 @@ def cmd_info(args) -> int:
 
 def _add_train_flags(p: argparse.ArgumentParser, defaults) -> None:
     p.add_argument("--model", default=None, help="registered model name, see `cnnkit models` "
-                   f"(default: {defaults.model} width 0.5 for classify)")
+                   f"(default: {defaults.model}, width 0.5)")
     p.add_argument("--data", default=defaults.data, help="built-in name, image folder, or data YAML")
     p.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the training data")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per optimizer step")
@@ -98,7 +98,7 @@ def _add_train_flags(p: argparse.ArgumentParser, defaults) -> None:
     p.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="L2 penalty, not on biases and norms")
     p.add_argument("--schedule", choices=("cosine", "step", "constant"), default=defaults.schedule, help="learning-rate schedule after warm-up")
     p.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs, help="linear warm-up length")
-    p.add_argument("--steps", type=int, nargs="*", default=[], help="epochs at which --schedule step divides the lr by 1/gamma")
+    p.add_argument("--steps", type=int, nargs="*", default=[], help="epochs at which --schedule step multiplies the lr by gamma (default: about 55%% and 80%% of --epochs)")
     p.add_argument("--gamma", type=float, default=defaults.gamma, help="step schedule factor")
     p.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing, help="cross-entropy label smoothing")
     p.add_argument("--ema", action="store_true", help="evaluate and save an exponential moving average of the weights")
@@ -114,14 +114,22 @@ def _add_train_flags(p: argparse.ArgumentParser, defaults) -> None:
     p.add_argument("--name", default=defaults.name, help="run name: runs/<task>/<name> (numbered when it exists)")
     p.add_argument("--exist-ok", action="store_true", help="reuse runs/<task>/<name> instead of numbering a new one")
     p.add_argument("--resume", default=None, metavar="LAST_PT", help="continue the run of this last.pt exactly where it stopped")
+    p.add_argument("--on-bad-label", choices=("error", "skip"), default=defaults.on_bad_label,
+                   help="detection: what a malformed label line or box does (skip: the box is left out and counted)")
     p.add_argument("--on-bad-image", choices=("error", "skip"), default=defaults.on_bad_image, help="what a corrupt image does")
     p.add_argument("--train-subset", type=int, default=0, help="train on a stratified subset of this many images (0 = all)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0 = no limit)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch only)")
 
 
+# Per task: the default model and the training settings that differ from TrainConfig's.
 TASK_DEFAULTS = {
-    "classify": dict(model="vgg11_bn", model_kwargs={"width": 0.5, "pool_size": 1, "dropout": 0.2}),
+    "classify": dict(model="vgg11_bn", model_kwargs={"width": 0.5, "pool_size": 1, "dropout": 0.2}, config={}),
+    # the YOLO paper's recipe: SGD momentum 0.9, weight decay 5e-4, warm-up, step schedule (steps at about
+    # 55% and 80% of the epochs, as its 75 + 30 + 30 epochs), dropout in the head
+    "detect": dict(model="yolov1_fast", model_kwargs={"width": 0.5, "batch_norm": True},
+                   config={"data": "scenes", "img_size": 192, "batch_size": 32, "epochs": 30, "lr": 0.01,
+                           "schedule": "step", "warmup_epochs": 2.0}),
 }
 
 
@@ -141,6 +149,7 @@ def config_from_args(task: str, args):
                       augment=not args.no_augment, precision=args.precision, channels_last=args.channels_last,
                       device=args.device, workers=args.workers, seed=args.seed, project=args.project,
                       name=args.name, exist_ok=args.exist_ok, on_bad_image=args.on_bad_image,
+                      on_bad_label=args.on_bad_label,
                       max_steps=args.max_steps, train_subset=args.train_subset, weights=args.weights, download=args.download,
                       freeze_backbone=args.freeze_backbone, unfreeze_at=args.unfreeze_at,
                       backbone_lr_scale=args.backbone_lr_scale, progress=not args.no_progress and sys.stderr.isatty())
@@ -189,12 +198,28 @@ def cmd_predict(args) -> int:
     else:
         t = load_trained(args.weights, device=args.device, precision=args.precision)
     out = Path(args.out) if args.out else Path("runs") / t.task.name / "predict"
-    rows = t.task.predict_paths(t, args.sources, out_dir=out, top_k=args.top_k, batch_size=args.batch_size)
+    extra = {"conf_threshold": args.conf_threshold} if t.task.name == "detect" else {}
+    rows = t.task.predict_paths(t, args.sources, out_dir=out, top_k=args.top_k, batch_size=args.batch_size, **extra)
     for r in rows[: args.show]:
         print(r["summary"])
     if len(rows) > args.show:
         print(f"... {len(rows) - args.show} more")
     print(f"{len(rows)} image(s); results in {out}")
+    return 0
+
+
+def cmd_data_convert(args) -> int:
+    from cnnkit.data.convert import convert
+
+    print(convert(args.src, args.dst, to=args.to, on_bad_label=args.on_bad_label))
+    return 0
+
+
+def cmd_data_scenes(args) -> int:
+    from cnnkit.data.scenes import generate_scenes
+
+    out = generate_scenes(args.out, n_train=args.n_train, n_val=args.n_val, img_size=args.img_size, seed=args.seed)
+    print(f"scenes written to {out}")
     return 0
 
 
@@ -233,9 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train", help="train a model", formatter_class=_fmt())
     tsub = s.add_subparsers(dest="task", required=True, parser_class=_Parser)
-    for task in TASK_DEFAULTS:
+    for task, d in TASK_DEFAULTS.items():
         t = tsub.add_parser(task, help=f"train a {task} model", formatter_class=_fmt())
-        _add_train_flags(t, defaults)
+        _add_train_flags(t, TrainConfig(task=task, model=d["model"], **d["config"]))
         t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("val", help="evaluate a checkpoint", formatter_class=_fmt())
@@ -254,13 +279,33 @@ def build_parser() -> argparse.ArgumentParser:
                    "pretrained weights (imagenet, a torchvision weight name, or a file)")
     s.add_argument("--model", default=None, help="predict with this registry model and --weights instead of a checkpoint")
     s.add_argument("--download", action="store_true", help="allow downloading torchvision weights")
-    s.add_argument("--top-k", type=int, default=5, help="classes listed per image")
+    s.add_argument("--top-k", type=int, default=5, help="classify: classes listed per image")
+    s.add_argument("--conf-threshold", type=float, default=0.25, help="detect: lowest class-specific confidence kept")
     s.add_argument("--batch-size", type=int, default=64, help="images per batch")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     s.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto", help="auto: bf16 where supported")
     s.add_argument("--out", default=None, help="output folder (default runs/<task>/predict)")
     s.add_argument("--show", type=int, default=20, help="print this many results")
     s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("data", help="dataset tools: convert between formats, generate the scene data",
+                       formatter_class=_fmt())
+    dsub = s.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    d = dsub.add_parser("convert", help="convert a detection dataset between YOLO txt, COCO JSON and Pascal VOC XML",
+                        formatter_class=_fmt())
+    d.add_argument("src", help="a dataset folder or data YAML (format detected)")
+    d.add_argument("dst", help="output folder (must not exist or be empty)")
+    d.add_argument("--to", required=True, choices=("yolo", "coco", "voc"), help="output format")
+    d.add_argument("--on-bad-label", choices=("error", "skip"), default="error", help="what a malformed label does")
+    d.set_defaults(func=cmd_data_convert)
+    d = dsub.add_parser("scenes", help="generate detection/segmentation scenes: Fashion-MNIST items on real "
+                        "backgrounds, as YOLO txt + COCO JSON + index masks", formatter_class=_fmt())
+    d.add_argument("out", help="output folder")
+    d.add_argument("--n-train", type=int, default=2000, help="training scenes")
+    d.add_argument("--n-val", type=int, default=300, help="validation scenes")
+    d.add_argument("--img-size", type=int, default=160, help="scene height = width")
+    d.add_argument("--seed", type=int, default=0, help="same seed, same files")
+    d.set_defaults(func=cmd_data_scenes)
 
     s = sub.add_parser("weights", help="pretrained weights: what is available offline and what needs a download",
                        formatter_class=_fmt())

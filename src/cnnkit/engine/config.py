@@ -43,6 +43,7 @@ class TrainConfig:
     name: str = "exp"
     exist_ok: bool = False
     on_bad_image: str = "error"
+    on_bad_label: str = "error"
     train_subset: int = 0  # train on a stratified subset of this many images (0 = all)
     max_steps: int = 0  # stop after this many optimizer steps in total (0 = no limit); for tests and benchmarks
     plots: bool = True

@@ -200,8 +200,9 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, explicit_model: bool = F
     optimizer = build_optimizer(groups, cfg.optimizer, cfg.lr, cfg.momentum)
     iters = len(train_loader)
     total = cfg.epochs * iters  # --max-steps stops early without changing the schedule
+    steps = list(cfg.steps) or [max(1, round(0.55 * cfg.epochs)), max(1, round(0.8 * cfg.epochs))]
     scheduler = build_scheduler(optimizer, total_iters=total, warmup_iters=int(cfg.warmup_epochs * iters),
-                                schedule=cfg.schedule, iters_per_epoch=iters, steps=cfg.steps, gamma=cfg.gamma)
+                                schedule=cfg.schedule, iters_per_epoch=iters, steps=steps, gamma=cfg.gamma)
     scaler = torch.amp.GradScaler(device.type) if precision.needs_scaler else None
     ema = ModelEMA(model, cfg.ema_decay) if cfg.ema else None
 

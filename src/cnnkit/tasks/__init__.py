@@ -3,11 +3,14 @@
 from cnnkit.errors import UsageError
 from cnnkit.tasks.base import Task, TaskData
 
-TASKS = ("classify",)
+TASKS = ("classify", "detect")
 
 
 def get_task(name: str) -> Task:
     if name == "classify":
         from cnnkit.tasks.classify import ClassifyTask
         return ClassifyTask()
+    if name == "detect":
+        from cnnkit.tasks.detect import DetectTask
+        return DetectTask()
     raise UsageError(f"unknown task {name!r}", fix=f"choose one of {', '.join(TASKS)}")
