@@ -1,0 +1,299 @@
+"""Detection annotations: one in-memory form, read from and written to YOLO txt, COCO JSON and
+Pascal VOC XML.
+
+Inside cnnkit a box is XYXY in absolute, continuous pixel coordinates: a box that covers pixel
+columns 0..9 of an image has x1 = 0, x2 = 10. Each format converts at its edge:
+
+    YOLO txt   `class cx cy w h`, normalised by the image width W and height H
+               x1 = (cx - w/2) W,  y1 = (cy - h/2) H,  x2 = (cx + w/2) W,  y2 = (cy + h/2) H
+    COCO JSON  "bbox": [x, y, w, h] in pixels          x1 = x,  y1 = y,  x2 = x + w,  y2 = y + h
+    VOC XML    1-based inclusive pixel indices         x1 = xmin - 1,  y1 = ymin - 1,  x2 = xmax,  y2 = ymax
+
+Every reader applies the same checks to every box (`check_box`): a box of zero or negative size is
+bad; a box that leaves the image by less than `CLIP_TOLERANCE` pixels is clipped to it, one that
+leaves it by more is bad. With on_bad_label="error" the first bad box or file raises a DataError
+naming the file and line (txt, XML) or the annotation index and key (JSON); with "skip" it is left
+out and listed in `DetectionSplits.problems` as (file, line or None, "kind: detail").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import tempfile
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+from PIL import Image
+
+from cnnkit.errors import DataError, UsageError
+
+ON_BAD_LABEL = ("error", "skip")
+CLIP_TOLERANCE = 1.0
+SKIP_HINT = "or load with on_bad_label='skip' (CLI: --on-bad-label skip) to leave it out"
+
+# problem kinds: the text before ": " in every reason, so that a summary can count them
+MALFORMED_LINE = "malformed label line"
+CLASS_OUT_OF_RANGE = "class id out of range"
+UNKNOWN_CLASS = "unknown class name"
+BOX_OUTSIDE = "box outside the image"
+BOX_EMPTY = "box of zero or negative size"
+LABEL_WITHOUT_IMAGE = "label file without image"
+IMAGE_NOT_FOUND = "image not found"
+UNREADABLE_IMAGE = "unreadable image"
+MISSING_KEY = "missing or malformed key"
+UNKNOWN_IMAGE_ID = "unknown image id"
+MALFORMED_XML = "malformed XML"
+MALFORMED_FILE = "malformed file"
+SIZE_MISMATCH = "image size differs from the labels"
+
+
+@dataclass
+class DetectionRecord:
+    """One image and its boxes: `boxes` float64 [N, 4] XYXY absolute pixels, `labels` int64 [N].
+
+    `width`, `height` are the image's size as displayed (after EXIF orientation); `image_id` is the
+    source's own id where it has one (COCO), else None.
+    """
+
+    image_path: Path
+    width: int
+    height: int
+    boxes: torch.Tensor
+    labels: torch.Tensor
+    image_id: int | None = None
+
+    def __post_init__(self):
+        self.image_path = Path(self.image_path)
+        self.boxes = torch.as_tensor(self.boxes, dtype=torch.float64).reshape(-1, 4)
+        self.labels = torch.as_tensor(self.labels, dtype=torch.int64).reshape(-1)
+        if self.boxes.shape[0] != self.labels.shape[0]:
+            raise ValueError(f"{self.boxes.shape[0]} boxes but {self.labels.shape[0]} labels")
+
+
+@dataclass
+class DetectionSplits:
+    """A whole dataset in memory: class `names`, records per split ("train", "val", "test", ...).
+
+    `problems` lists (file, line or None, "kind: detail") of what on_bad_label="skip" left out;
+    `notes` holds remarks worth printing; `format` is "yolo", "coco" or "voc"; `root` the source.
+    """
+
+    names: list[str]
+    splits: dict[str, list[DetectionRecord]]
+    problems: list[tuple[str, int | None, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    format: str = ""
+    root: Path | None = None
+
+    def describe(self) -> str:
+        """'train 2000 images / 5012 boxes, val 300 images / 740 boxes, 10 classes'."""
+        parts = [f"{name} {len(recs)} images / {sum(len(r.labels) for r in recs)} boxes"
+                 for name, recs in self.splits.items()]
+        return ", ".join(parts + [f"{len(self.names)} classes"])
+
+
+class Problems:
+    """Raise or record a bad label, as on_bad_label says."""
+
+    def __init__(self, on_bad_label: str):
+        check_on_bad_label(on_bad_label)
+        self.skip = on_bad_label == "skip"
+        self.items: list[tuple[str, int | None, str]] = []
+
+    def report(self, kind: str, detail: str, path: str | os.PathLike, line: int | None = None,
+               fix: str | None = None) -> None:
+        """Raise a DataError naming file and line, or (skip mode) record the problem and return."""
+        reason = f"{kind}: {detail}"
+        if not self.skip:
+            raise DataError(reason, path=str(path), line=line, fix=f"{fix}, {SKIP_HINT}" if fix else
+                            f"correct it, {SKIP_HINT}")
+        self.items.append((str(path), line, reason))
+
+
+def check_on_bad_label(value: str) -> None:
+    if value not in ON_BAD_LABEL:
+        raise UsageError(f"on_bad_label must be one of {', '.join(ON_BAD_LABEL)}, got {value!r}",
+                         fix="use on_bad_label='error' or 'skip'")
+
+
+def check_box(x1: float, y1: float, x2: float, y2: float, width: int, height: int
+              ) -> tuple[tuple[float, float, float, float] | None, str, str]:
+    """(clipped box, "", "") for a good box, else (None, kind, detail). Rules in the module docstring."""
+    values = (x1, y1, x2, y2)
+    shown = "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
+    if not all(math.isfinite(v) for v in values):
+        return None, MALFORMED_LINE, f"box {shown} holds a non-finite number"
+    if x2 <= x1 or y2 <= y1:
+        return None, BOX_EMPTY, f"XYXY box {shown} is {x2 - x1:.6g} x {y2 - y1:.6g} px"
+    t = CLIP_TOLERANCE
+    if x1 < -t or y1 < -t or x2 > width + t or y2 > height + t:
+        return None, BOX_OUTSIDE, (f"XYXY box {shown} leaves the {width}x{height} image by more than "
+                                   f"{t:g} px")
+    c = (min(max(x1, 0.0), width), min(max(y1, 0.0), height), min(max(x2, 0.0), width), min(max(y2, 0.0), height))
+    if c[2] <= c[0] or c[3] <= c[1]:
+        return None, BOX_EMPTY, f"XYXY box {shown} is empty once clipped to the {width}x{height} image"
+    return c, "", ""
+
+
+def problem_kind(reason: str) -> str:
+    return reason.split(":", 1)[0]
+
+
+def summarize_problems(problems: Sequence[tuple[str, int | None, str]], first: int = 3) -> str:
+    """One line: counts by kind, then the first few places ('' when there are none)."""
+    if not problems:
+        return ""
+    counts = Counter(problem_kind(reason) for _, _, reason in problems)
+    kinds = ", ".join(f"{n} {kind}" for kind, n in counts.most_common())
+    places = "; ".join(f"{p}:{line}" if line is not None else p for p, line, _ in problems[:first])
+    more = f" (+{len(problems) - first} more)" if len(problems) > first else ""
+    return f"{len(problems)} bad labels left out ({kinds}); first: {places}{more}"
+
+
+# ---------------------------------------------------------------- image headers
+
+def _oriented_size(path: str) -> tuple[tuple[int, int] | None, str]:
+    """((width, height) as displayed, "") from the header, EXIF orientation 5-8 swapping the two."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            try:
+                orientation = img.getexif().get(0x0112, 1)
+            except Exception:  # a malformed EXIF block: decode_image keeps such images unrotated too
+                orientation = 1
+    except MemoryError:
+        raise
+    except Exception as exc:  # Pillow signals a bad file with many exception types
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        return None, text
+    return ((h, w) if orientation in (5, 6, 7, 8) else (w, h)), ""
+
+
+def image_sizes(paths: Sequence[str]) -> list[tuple[tuple[int, int] | None, str]]:
+    """`_oriented_size` of many files, read with a small thread pool."""
+    if len(paths) < 64:
+        return [_oriented_size(p) for p in paths]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    with ThreadPoolExecutor(max(1, min(8, cores))) as pool:
+        return list(pool.map(_oriented_size, paths))
+
+
+# ---------------------------------------------------------------- writing
+
+@contextlib.contextmanager
+def staging_dir(dst: str | os.PathLike):
+    """Yield an empty temp folder beside `dst`; on success it becomes `dst` in one rename.
+
+    `dst` must not exist or be an empty folder, so a reader never sees a half-written dataset.
+    """
+    dst = Path(dst).expanduser()
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise DataError("output exists and is not an empty folder", path=str(dst),
+                        fix="choose a new folder, or delete this one first")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)
+    try:
+        yield tmp
+        os.replace(tmp, dst)  # replaces an empty folder on POSIX
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def place_image(src: Path, dst: Path, link: bool) -> None:
+    """Hard-link `src` at `dst` when `link` and the file system allows, else copy it."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if not src.is_file():
+        raise DataError("image not found (it was there when the dataset was read)", path=str(src),
+                        fix="restore the image, or read the dataset again")
+    if link:
+        try:
+            os.link(src, dst)
+            return
+        except OSError:
+            pass
+    shutil.copyfile(src, dst)
+
+
+def unique_names(records: Iterable[tuple[str, DetectionRecord]]) -> list[str]:
+    """A file name per (split, record): the image's own name, made unique by stem (case-insensitive)
+    within the sequence given, first by prefixing the split, then by a number."""
+    taken: set[str] = set()
+    out = []
+    for split, rec in records:
+        name = rec.image_path.name
+        stem, ext = os.path.splitext(name)
+        candidates = [stem, f"{split}_{stem}"]
+        k = 1
+        while candidates[-1].lower() in taken:
+            candidates.append(f"{split}_{stem}_{k}")
+            k += 1
+        chosen = next(c for c in candidates if c.lower() not in taken)
+        taken.add(chosen.lower())
+        out.append(chosen + ext)
+    return out
+
+
+def check_splits(splits: DetectionSplits) -> None:
+    """Refuse to write what the formats cannot hold: labels outside names, odd shapes."""
+    n = len(splits.names)
+    for split, recs in splits.splits.items():
+        for rec in recs:
+            if rec.labels.numel() and (int(rec.labels.min()) < 0 or int(rec.labels.max()) >= n):
+                raise DataError(f"a label in split {split!r} is outside 0..{n - 1}", path=str(rec.image_path),
+                                fix="give every class a name")
+
+
+# ---------------------------------------------------------------- format detection
+
+def detect_format(src: str | os.PathLike) -> str:
+    """"yolo", "coco" or "voc" from what `src` holds; a DataError says what was looked for."""
+    path = Path(src).expanduser()
+    if not path.exists():
+        raise DataError("no such file or folder", path=str(path), fix="check the path")
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix in (".yaml", ".yml"):
+            return "yolo"
+        if suffix == ".json":
+            return "coco"
+        raise DataError("not a detection dataset: expected a folder, a data YAML or a COCO JSON file",
+                        path=str(path), fix="pass the dataset folder")
+    if (path / "Annotations").is_dir() and ((path / "JPEGImages").is_dir() or (path / "ImageSets").is_dir()):
+        return "voc"
+    if list(path.glob("*.yaml")) + list(path.glob("*.yml")) or (path / "labels").is_dir():
+        return "yolo"
+    if list((path / "annotations").glob("*.json")) + list(path.glob("*.json")):
+        return "coco"
+    raise DataError(
+        "cannot tell the dataset format: no data YAML or labels/ (YOLO), no annotations/*.json (COCO), "
+        "no Annotations/ + JPEGImages/ (Pascal VOC)", path=str(path),
+        fix="point at the dataset root, or at its data YAML or COCO JSON file")
+
+
+def read_any(src: str | os.PathLike, *, on_bad_label: str = "error") -> DetectionSplits:
+    """Read a YOLO, COCO or VOC dataset, whichever `detect_format` finds."""
+    readers: dict[str, Callable[..., DetectionSplits]] = {"yolo": read_yolo, "coco": read_coco, "voc": read_voc}
+    return readers[detect_format(src)](src, on_bad_label=on_bad_label)
+
+
+# the readers and writers use the definitions above, so they are imported last
+from cnnkit.data.formats.coco import read_coco, write_coco  # noqa: E402
+from cnnkit.data.formats.voc import read_voc, write_voc  # noqa: E402
+from cnnkit.data.formats.yolo import read_yolo, write_yolo  # noqa: E402
+
+WRITERS: dict[str, Callable[..., Path]] = {"yolo": write_yolo, "coco": write_coco, "voc": write_voc}
+
+__all__ = ["DetectionRecord", "DetectionSplits", "Problems", "check_box", "detect_format", "read_any",
+           "read_coco", "read_voc", "read_yolo", "summarize_problems", "write_coco", "write_voc", "write_yolo",
+           "WRITERS", "CLIP_TOLERANCE", "ON_BAD_LABEL"]

@@ -1,0 +1,280 @@
+"""COCO JSON detection annotations (cocodataset.org/#format-data), one file per split.
+
+    annotations/instances_train.json    {"images": [{id, file_name, width, height}],
+    annotations/instances_val.json       "annotations": [{id, image_id, category_id, bbox: [x, y, w, h]}],
+    images/train/x.jpg                   "categories": [{id, name}]}
+
+The split of a file comes from its name (instances_train2017.json -> train). Its images are looked
+for, by `file_name`, in images/<name>, images/<split>, <name>, <split>, images/ and the root, in that
+order (<name> is the file's stem without "instances_", e.g. train2017). Categories, whatever their
+ids (COCO's own run 1..90 with gaps), become labels 0..K-1 in ascending id order; writing numbers
+them 1..K. Crowd annotations (iscrowd = 1) are left out and counted in `notes`, as ultralytics does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from cnnkit.data.formats import (CLASS_OUT_OF_RANGE, IMAGE_NOT_FOUND, MISSING_KEY, UNKNOWN_IMAGE_ID,
+                                 UNREADABLE_IMAGE, DetectionRecord, DetectionSplits, Problems, check_box,
+                                 check_splits, image_sizes, place_image, staging_dir, unique_names)
+from cnnkit.errors import DataError
+
+JSON_FIX = "correct the entry (COCO: bbox is [x, y, width, height] in pixels)"
+
+
+def _split_of(stem: str) -> tuple[str, str]:
+    """(split, name) of a JSON file stem: instances_train2017 -> ("train", "train2017")."""
+    name = stem[len("instances_"):] if stem.lower().startswith("instances_") else stem
+    low = name.lower()
+    for split in ("train", "val", "test"):
+        if split in low:
+            return split, name
+    return low, name
+
+
+def _load_json(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_bytes())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"malformed JSON: {exc.msg} (column {exc.colno})", path=str(file), line=exc.lineno,
+                        fix="repair the JSON (an export cut short?)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read: {exc}", path=str(file), fix="check the file") from None
+    if not isinstance(data, dict):
+        raise DataError("a COCO file must hold a JSON object", path=str(file), fix="use a COCO instances file")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            what = "missing" if key not in data else f"not a list ({type(data[key]).__name__})"
+            raise DataError(f"{MISSING_KEY}: top-level key {key!r} is {what}", path=str(file),
+                            fix="a COCO detection file needs 'images', 'annotations' and 'categories' lists")
+    return data
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _categories(data: dict, file: Path) -> tuple[list[int], list[str]]:
+    ids, names = [], []
+    for i, cat in enumerate(data["categories"]):
+        if not isinstance(cat, dict) or not _is_int(cat.get("id")) or not isinstance(cat.get("name"), str):
+            raise DataError(f"{MISSING_KEY}: categories[{i}] needs an integer 'id' and a string 'name'",
+                            path=str(file), fix="give every category an id and a name")
+        if cat["id"] in ids:
+            raise DataError(f"{MISSING_KEY}: categories[{i}]: id {cat['id']} repeats", path=str(file),
+                            fix="give every category its own id")
+        ids.append(cat["id"])
+        names.append(cat["name"])
+    if not ids:
+        raise DataError("'categories' is empty", path=str(file), fix="list the classes in 'categories'")
+    order = sorted(range(len(ids)), key=ids.__getitem__)
+    return [ids[i] for i in order], [names[i] for i in order]
+
+
+def _image_dir(root: Path, json_file: Path, split: str, name: str, file_names: list[str]) -> Path:
+    candidates = [root / "images" / name, root / "images" / split, root / name, root / split, root / "images",
+                  root, json_file.parent]
+    candidates = list(dict.fromkeys(candidates))
+    probe = file_names[:20]
+    for folder in candidates:
+        if folder.is_dir() and any((folder / f).is_file() for f in probe):
+            return folder
+    raise DataError("cannot find the images of this file; looked in " + ", ".join(str(c) for c in candidates),
+                    path=str(json_file), fix="put the images in images/<split>/ beside annotations/")
+
+
+def _read_one(file: Path, root: Path, split: str, name: str, problems: Problems, notes: list[str]
+              ) -> tuple[list[int], list[str], list[DetectionRecord]]:
+    data = _load_json(file)
+    cat_ids, cat_names = _categories(data, file)
+    label_of = {cid: k for k, cid in enumerate(cat_ids)}
+
+    entries = []  # (index, id, file_name, width or None, height or None)
+    seen_ids = set()
+    for i, img in enumerate(data["images"]):
+        if not isinstance(img, dict):
+            problems.report(MISSING_KEY, f"images[{i}] is not an object", file, fix=JSON_FIX)
+            continue
+        for key, ok in (("id", _is_int), ("file_name", lambda v: isinstance(v, str) and v)):
+            if not ok(img.get(key)):
+                what = "missing" if key not in img else f"malformed ({img[key]!r})"
+                problems.report(MISSING_KEY, f"images[{i}]: key {key!r} is {what}", file, fix=JSON_FIX)
+                break
+        else:
+            if img["id"] in seen_ids:
+                problems.report(MISSING_KEY, f"images[{i}]: key 'id' repeats id {img['id']}", file,
+                                fix="give every image its own id")
+                continue
+            seen_ids.add(img["id"])
+            w, h = img.get("width"), img.get("height")
+            sized = _is_int(w) and _is_int(h) and w > 0 and h > 0
+            entries.append((i, img["id"], img["file_name"], w if sized else None, h if sized else None))
+
+    folder = _image_dir(root, file, split, name, [e[2] for e in entries]) if entries else root
+    need_size = [str(folder / e[2]) for e in entries if e[3] is None]
+    sizes = iter(image_sizes(need_size))
+    records: dict[int, DetectionRecord] = {}
+    for i, image_id, file_name, w, h in entries:
+        path = folder / file_name
+        if w is None:
+            size, reason = next(sizes)
+            if size is None:
+                kind = IMAGE_NOT_FOUND if not path.exists() else UNREADABLE_IMAGE
+                problems.report(kind, f"images[{i}] (id {image_id}): {file_name!r}: "
+                                f"{'no such file' if kind == IMAGE_NOT_FOUND else reason}", file,
+                                fix="add the image or remove its entry")
+                continue
+            w, h = size
+        elif not path.is_file():
+            problems.report(IMAGE_NOT_FOUND, f"images[{i}] (id {image_id}): {file_name!r} is not in {folder}", file,
+                            fix="add the image or remove its entry")
+            continue
+        records[image_id] = DetectionRecord(path, w, h, [], [], image_id=image_id)
+
+    boxes: dict[int, list] = {k: [] for k in records}
+    labels: dict[int, list] = {k: [] for k in records}
+    crowd = 0
+    for i, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict):
+            problems.report(MISSING_KEY, f"annotations[{i}] is not an object", file, fix=JSON_FIX)
+            continue
+        where = f"annotations[{i}]" + (f" (id {ann['id']})" if "id" in ann else "")
+        bad = None
+        for key in ("image_id", "category_id", "bbox"):
+            if key not in ann:
+                bad = f"key {key!r} is missing"
+            elif key == "bbox" and not (isinstance(ann[key], list) and len(ann[key]) == 4
+                                        and all(_is_num(v) for v in ann[key])):
+                bad = f"key 'bbox' is {ann[key]!r}, expected [x, y, width, height]"
+            elif key != "bbox" and not _is_int(ann[key]):
+                bad = f"key {key!r} is {ann[key]!r}, expected an integer"
+            if bad:
+                break
+        if bad:
+            problems.report(MISSING_KEY, f"{where}: {bad}", file, fix=JSON_FIX)
+            continue
+        if ann.get("iscrowd", 0):
+            crowd += 1
+            continue
+        image_id = ann["image_id"]
+        if image_id not in seen_ids:
+            problems.report(UNKNOWN_IMAGE_ID, f"{where}: key 'image_id' = {image_id} is not in 'images'", file,
+                            fix="correct image_id or add the image")
+            continue
+        if image_id not in records:  # the image itself was bad and already reported
+            continue
+        if ann["category_id"] not in label_of:
+            problems.report(CLASS_OUT_OF_RANGE, f"{where}: key 'category_id' = {ann['category_id']} is not in "
+                            "'categories'", file, fix="correct category_id or add the category")
+            continue
+        rec = records[image_id]
+        x, y, w, h = (float(v) for v in ann["bbox"])
+        box, kind, detail = check_box(x, y, x + w, y + h, rec.width, rec.height)
+        if box is None:
+            problems.report(kind, f"{where}: key 'bbox' = {ann['bbox']}: {detail}", file, fix=JSON_FIX)
+            continue
+        boxes[image_id].append(box)
+        labels[image_id].append(label_of[ann["category_id"]])
+    if crowd:
+        notes.append(f"{file.name}: {crowd} crowd annotations (iscrowd=1) left out")
+    out = []
+    for image_id, rec in records.items():
+        out.append(DetectionRecord(rec.image_path, rec.width, rec.height, boxes[image_id], labels[image_id],
+                                   image_id=image_id))
+    return cat_ids, cat_names, out
+
+
+def read_coco(src: str | os.PathLike, *, on_bad_label: str = "error") -> DetectionSplits:
+    """Read a folder with annotations/*.json (or *.json), or one COCO JSON file (its split from its name)."""
+    problems = Problems(on_bad_label)
+    path = Path(src).expanduser()
+    if path.is_file():
+        files = [path]
+        root = path.parent.parent if path.parent.name == "annotations" else path.parent
+    elif path.is_dir():
+        root = path
+        found = sorted((path / "annotations").glob("*.json")) or sorted(path.glob("*.json"))
+        instances = [f for f in found if f.name.lower().startswith("instances_")]
+        files = instances or found
+        if not files:
+            raise DataError("no COCO JSON file (annotations/*.json)", path=str(path),
+                            fix="put the COCO files in annotations/, e.g. annotations/instances_train.json")
+    else:
+        raise DataError("no such file or folder", path=str(path), fix="check the path")
+    root = root.resolve()
+
+    splits: dict[str, list[DetectionRecord]] = {}
+    names: list[str] | None = None
+    ids: list[int] | None = None
+    first: Path | None = None
+    notes: list[str] = []
+    for file in files:
+        split, name = _split_of(file.stem)
+        if split in splits:
+            raise DataError(f"a second file for split {split!r}", path=str(file),
+                            fix="keep one COCO file per split (instances_<split>.json)")
+        cat_ids, cat_names, records = _read_one(file.resolve(), root, split, name, problems, notes)
+        if names is None:
+            names, ids, first = cat_names, cat_ids, file
+        elif (cat_ids, cat_names) != (ids, names):
+            raise DataError(f"'categories' differ from those of {first.name}", path=str(file),
+                            fix="use the same categories (ids and names) in every split")
+        splits[split] = records
+    order = {"train": 0, "val": 1, "test": 2}
+    splits = dict(sorted(splits.items(), key=lambda kv: (order.get(kv[0], 3), kv[0])))
+    return DetectionSplits(names=list(names), splits=splits, problems=problems.items, notes=notes,
+                           format="coco", root=path.resolve())
+
+
+# ---------------------------------------------------------------- writing
+
+def coco_document(records: list[DetectionRecord], names: list[str], file_names: list[str]) -> dict:
+    """One split as a COCO dict: category ids 1..K, the records' own image ids where they are unique
+    (else 1..N), bbox [x, y, w, h] rounded to 1e-6 px, area = w * h."""
+    own = [r.image_id for r in records]
+    keep = all(i is not None for i in own) and len(set(own)) == len(own)
+    images, annotations = [], []
+    for k, (rec, name) in enumerate(zip(records, file_names)):
+        image_id = rec.image_id if keep else k + 1
+        images.append({"id": image_id, "file_name": name, "width": rec.width, "height": rec.height})
+        for (x1, y1, x2, y2), c in zip(rec.boxes.tolist(), rec.labels.tolist()):
+            w, h = x2 - x1, y2 - y1
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": c + 1,
+                                "bbox": [round(x1, 6), round(y1, 6), round(w, 6), round(h, 6)],
+                                "area": round(w * h, 6), "iscrowd": 0})
+    return {"info": {"description": "written by cnnkit"}, "licenses": [],
+            "categories": [{"id": i + 1, "name": n, "supercategory": ""} for i, n in enumerate(names)],
+            "images": images, "annotations": annotations}
+
+
+def write_coco_json(root: Path, splits: DetectionSplits, file_names: dict[str, list[str]]) -> None:
+    """annotations/instances_<split>.json for images already at images/<split>/<file_names[split][i]>;
+    `root` is a staging folder (see `staging_dir`)."""
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    for split, recs in splits.splits.items():
+        doc = coco_document(recs, splits.names, file_names[split])
+        (root / "annotations" / f"instances_{split}.json").write_text(
+            json.dumps(doc, separators=(",", ":"), ensure_ascii=False), encoding="utf-8")
+
+
+def write_coco(splits: DetectionSplits, dst: str | os.PathLike, *, link: bool = True) -> Path:
+    """Write annotations/instances_<split>.json and images/<split>/ into `dst` (new or empty),
+    atomically as a whole; images are hard-linked where possible, else copied. Returns `dst`."""
+    check_splits(splits)
+    dst = Path(dst).expanduser()
+    with staging_dir(dst) as tmp:
+        file_names = {}
+        for split, recs in splits.splits.items():
+            file_names[split] = unique_names((split, r) for r in recs)
+            for rec, name in zip(recs, file_names[split]):
+                place_image(rec.image_path, tmp / "images" / split / name, link)
+        write_coco_json(tmp, splits, file_names)
+    return dst
