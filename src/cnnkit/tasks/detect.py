@@ -167,7 +167,7 @@ class DetectTask(Task):
         txt (labels/, `class cx cy w h score` normalised), plus predictions.json in COCO results format."""
         import json
 
-        from torchvision.io import write_png
+        from PIL import Image
 
         from cnnkit.data.images import decode_image
         from cnnkit.data.sources import collect_image_paths
@@ -193,7 +193,7 @@ class DetectTask(Task):
                 det = {"boxes": boxes, "scores": det["scores"].float().cpu(), "labels": det["labels"].cpu()}
                 drawn = draw_detections(im, det, trained.names, min_score=0.0)
                 with atomic_path(out_dir / "images" / f"{p.stem}.png") as tmp:
-                    write_png(drawn, tmp)
+                    Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
                 lines = []
                 for (x1, y1, x2, y2), s, c in zip(boxes.tolist(), det["scores"].tolist(), det["labels"].tolist()):
                     lines.append(f"{c} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} {(x2 - x1) / w:.6f} "
