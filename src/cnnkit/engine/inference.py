@@ -47,13 +47,19 @@ def load_trained(weights: str | Path, *, device: str = "auto", precision: str = 
     except RuntimeError as exc:
         raise WeightsError(f"weights do not fit {ckpt['model']['name']}: {str(exc).splitlines()[0]}",
                            path=str(weights)) from None
+    model, dev, prec, cl = _place(model, device, precision)
+    return Trained(task, model, ckpt, list(ckpt["names"]), dev, prec, cl)
+
+
+def _place(model: torch.nn.Module, device: str, precision: str):
+    """Move a model for inference: device, precision and memory format chosen as for training."""
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     cl = use_channels_last("auto", dev, prec)
     model = model.to(dev).eval()
     if cl:
         model = model.to(memory_format=torch.channels_last)
-    return Trained(task, model, ckpt, list(ckpt["names"]), dev, prec, cl)
+    return model, dev, prec, cl
 
 
 def load_pretrained(model: str, weights: str, *, download: bool = False, device: str = "auto",
@@ -76,12 +82,7 @@ def load_pretrained(model: str, weights: str, *, download: bool = False, device:
     pre.setdefault("channels", getattr(net, "in_channels", 3))
     task = get_task("classify")
     task.configure(pre)
-    dev = resolve_device(device)
-    prec = resolve_precision(precision, dev)
-    cl = use_channels_last("auto", dev, prec)
-    net = net.to(dev).eval()
-    if cl:
-        net = net.to(memory_format=torch.channels_last)
+    net, dev, prec, cl = _place(net, device, precision)
     ckpt = {"task": "classify", "model": {"name": net.cnnkit_name, "kwargs": dict(net.cnnkit_kwargs)},
             "names": names, "preprocess": pre}
     return Trained(task, net, ckpt, names, dev, prec, cl)

@@ -244,6 +244,16 @@ def unique_names(records: Iterable[tuple[str, DetectionRecord]]) -> list[str]:
     return out
 
 
+def place_split_images(tmp: Path, splits: "DetectionSplits", link: bool) -> dict[str, list[str]]:
+    """Put every split's images under tmp/images/<split>/ with clash-free names; returns the names."""
+    file_names = {}
+    for split, recs in splits.splits.items():
+        file_names[split] = unique_names((split, r) for r in recs)
+        for rec, name in zip(recs, file_names[split]):
+            place_image(rec.image_path, tmp / "images" / split / name, link)
+    return file_names
+
+
 def check_splits(splits: DetectionSplits) -> None:
     """Refuse to write what the formats cannot hold: labels outside names, odd shapes."""
     n = len(splits.names)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from cnnkit.data.formats import (CLASS_OUT_OF_RANGE, IMAGE_NOT_FOUND, MISSING_KEY, UNKNOWN_IMAGE_ID,
                                  UNREADABLE_IMAGE, DetectionRecord, DetectionSplits, Problems, check_box,
-                                 check_splits, image_sizes, place_image, staging_dir, unique_names)
+                                 check_splits, image_sizes, place_split_images, staging_dir)
 from cnnkit.errors import DataError
 
 JSON_FIX = "correct the entry (COCO: bbox is [x, y, width, height] in pixels)"
@@ -271,10 +271,6 @@ def write_coco(splits: DetectionSplits, dst: str | os.PathLike, *, link: bool = 
     check_splits(splits)
     dst = Path(dst).expanduser()
     with staging_dir(dst) as tmp:
-        file_names = {}
-        for split, recs in splits.splits.items():
-            file_names[split] = unique_names((split, r) for r in recs)
-            for rec, name in zip(recs, file_names[split]):
-                place_image(rec.image_path, tmp / "images" / split / name, link)
+        file_names = place_split_images(tmp, splits, link)
         write_coco_json(tmp, splits, file_names)
     return dst

@@ -23,7 +23,7 @@ from cnnkit.data import config
 from cnnkit.data.formats import (BOX_EMPTY, CLASS_OUT_OF_RANGE, IMAGE_NOT_FOUND, LABEL_WITHOUT_IMAGE,
                                  MALFORMED_FILE, MALFORMED_LINE, UNREADABLE_IMAGE, DetectionRecord,
                                  DetectionSplits, Problems, check_box, check_splits, image_sizes,
-                                 place_image, staging_dir, unique_names)
+                                 place_split_images, staging_dir)
 from cnnkit.data.images import is_image_file
 from cnnkit.errors import DataError
 
@@ -344,10 +344,6 @@ def write_yolo(splits: DetectionSplits, dst: str | os.PathLike, *, link: bool = 
     check_splits(splits)
     dst = Path(dst).expanduser()
     with staging_dir(dst) as tmp:
-        file_names = {}
-        for split, recs in splits.splits.items():
-            file_names[split] = unique_names((split, r) for r in recs)
-            for rec, name in zip(recs, file_names[split]):
-                place_image(rec.image_path, tmp / "images" / split / name, link)
+        file_names = place_split_images(tmp, splits, link)
         write_yolo_labels(tmp, splits, file_names)
     return dst
