@@ -91,16 +91,25 @@ class VGG(ConvClassifier):
         self.batch_norm = batch_norm
 
     def init_layer(self, module: nn.Module) -> None:
-        if isinstance(module, nn.Conv2d):
+        init_layer(module)
+
+
+def init_layer(module: nn.Module, leaky_slope: float | None = None) -> None:
+    """One layer's initialisation for VGG-style nets: He-normal (fan_out) convolutions for ReLU, or
+    for a leaky ReLU of slope `leaky_slope`; N(0, 0.01) fully connected layers; zero biases; BN 1 / 0."""
+    if isinstance(module, nn.Conv2d):
+        if leaky_slope is None:
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.BatchNorm2d):
-            nn.init.ones_(module.weight)
+        else:
+            nn.init.kaiming_normal_(module.weight, a=leaky_slope, mode="fan_out", nonlinearity="leaky_relu")
+        if module.bias is not None:
             nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, 0.0, 0.01)
-            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, 0.0, 0.01)
+        nn.init.zeros_(module.bias)
 
 
 @register_model("vgg11", description="VGG-11, configuration A (Simonyan & Zisserman 2015)")

@@ -68,6 +68,7 @@ from cnnkit.models.alexnet import FC_WIDTH, scaled
 from cnnkit.models.backbones import Backbone, StageFeatures, build_backbone
 from cnnkit.models.registry import register_model
 from cnnkit.models.summary import smallest_input_size, window_geometry
+from cnnkit.models.vgg import init_layer
 from cnnkit.ops.sizes import conv_output_size
 
 LEAKY_SLOPE = 0.1  # "leaky rectified linear activation", phi(x) = x if x > 0 else 0.1 x (Section 2.2)
@@ -147,16 +148,7 @@ def _check_width(width) -> float:
 def _init_weights(module: nn.Module) -> None:
     """He-normal (leaky ReLU 0.1) convolutions, N(0, 0.01) FC layers, zero biases, BN 1 / 0."""
     for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, a=LEAKY_SLOPE, mode="fan_out", nonlinearity="leaky_relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0.0, 0.01)
-            nn.init.zeros_(m.bias)
+        init_layer(m, LEAKY_SLOPE)
 
 
 class YoloDetector(nn.Module):
