@@ -9,6 +9,8 @@
 
 A folder that does not exist, a malformed value or malformed YAML raises DataError naming the
 file and the line (from the nodes `yaml.compose` returns).
+Every top-level value is kept in `DataYaml.values` with its line in `DataYaml.lines`, so a task can
+read keys of its own (segmentation: `train_masks`, `val_masks`, `ignore_index`) with the same errors.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class DataYaml:
     test: Path | None = None
     names: list[str] | None = None
     lines: dict[str, int] = field(default_factory=dict)
+    values: dict = field(default_factory=dict)  # every top-level key as parsed, for task-specific keys
 
     def error_at(self, key: str | None) -> Callable[..., DataError]:
         """A factory of DataErrors that name this file and the line of `key` (no line when absent)."""
@@ -109,7 +112,7 @@ def read_data_yaml(file: str | Path) -> DataYaml:
         mark = getattr(exc, "problem_mark", None)
         raise DataError(f"malformed YAML: {exc}", path=str(file), line=mark.line + 1 if mark else None,
                         fix="correct the YAML at that line") from None
-    cfg = DataYaml(file=file, root=file.parent.resolve(), lines=lines)
+    cfg = DataYaml(file=file, root=file.parent.resolve(), lines=lines, values=dict(values))
 
     root_value = values.get("path")
     if root_value is not None:

@@ -236,3 +236,32 @@ def ensure_scenes(**params) -> Path:
             return root
         raise
     return root
+
+
+SCENES_MARK = "# cnnkit scenes-"
+
+
+def is_scenes_dir(root: str | os.PathLike) -> bool:
+    """True when `root` holds scenes written by `generate_scenes` (its data.yaml starts with the mark)."""
+    f = Path(root) / "data.yaml"
+    try:
+        with open(f, encoding="utf-8") as fh:
+            return fh.readline().startswith(SCENES_MARK)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def masks_dir(root: str | os.PathLike, split: str) -> Path:
+    """The folder of a split's index masks: masks/<split>/<image stem>.png."""
+    return Path(root) / "masks" / split
+
+
+def segmentation_names(root: str | os.PathLike) -> list[str]:
+    """Class names indexed by mask value: "background" (0), then the item classes (class id + 1)."""
+    from cnnkit.data.config import read_data_yaml
+
+    cfg = read_data_yaml(Path(root) / "data.yaml")
+    if not cfg.names:
+        raise DataError("the scenes' data.yaml lists no names", path=str(Path(root) / "data.yaml"),
+                        fix="delete the folder so that it is generated again")
+    return ["background", *cfg.names]
