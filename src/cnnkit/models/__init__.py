@@ -7,6 +7,7 @@ VGG-11/13/16/19 with and without batch normalisation (Simonyan & Zisserman 2015)
 from cnnkit.models.registry import build_model, get_entry, list_models, register_model
 from cnnkit.models import alexnet, vgg, backbones  # noqa: F401  (importing a module registers its builders)
 from cnnkit.models import yolo  # noqa: F401
+from cnnkit.models import segmentation  # noqa: F401
 from cnnkit.models.alexnet import AlexNet, ConvClassifier
 from cnnkit.models.summary import ModelSummary, format_summary, model_info, summarize
 from cnnkit.models.vgg import VGG

@@ -456,7 +456,11 @@ class TimmFeatures(Backbone):
         return list(self.body(x))
 
 
-def _make_backbone(spec: BackboneSpec, out_indices, in_channels: int, return_indices: bool) -> Backbone:
+def _make_backbone(spec: BackboneSpec, out_indices, in_channels: int, return_indices: bool,
+                   width: float = 1.0) -> Backbone:
+    if width != 1 and spec.source != "cnnkit":
+        raise ModelError(f"backbone {spec.name} has no width option (width={width!r})",
+                         fix=f"use width=1, or a cnnkit backbone ({', '.join(_CNNKIT)})")
     if spec.source == "timm":
         if return_indices:
             raise ModelError(f"return_indices=True needs max pooling; backbone {spec.name} has none "
@@ -472,7 +476,7 @@ def _make_backbone(spec: BackboneSpec, out_indices, in_channels: int, return_ind
         from cnnkit.models.registry import get_entry
 
         # The small classifier (pool 1x1) only carries the convolutional part, which is kept.
-        net = get_entry(spec.name).builder(num_classes=0, pool_size=1, in_channels=in_channels)
+        net = get_entry(spec.name).builder(num_classes=0, pool_size=1, in_channels=in_channels, width=width)
         parts = [("features", net.features, True)]
         smallest = net.min_input_size
     else:
@@ -485,8 +489,8 @@ def _make_backbone(spec: BackboneSpec, out_indices, in_channels: int, return_ind
 
 
 def build_backbone(name: str, weights=None, *, out_indices: Sequence[int] = DEFAULT_OUT_INDICES,
-                   in_channels: int = 3, return_indices: bool = False, download: bool = False,
-                   log=print) -> Backbone:
+                   in_channels: int = 3, return_indices: bool = False, width: float = 1.0,
+                   download: bool = False, log=print) -> Backbone:
     """A feature extractor: `backbone(x)` returns a list of maps at the strides of `out_indices`.
 
     Args:
@@ -497,6 +501,8 @@ def build_backbone(name: str, weights=None, *, out_indices: Sequence[int] = DEFA
         in_channels: image channels; pretrained first-convolution weights are adapted.
         return_indices: VGG/AlexNet only: `forward` returns `(features, pools)` with one
             `PoolIndices` per max pool, for `F.max_unpool2d`.
+        width: channel width multiplier of the cnnkit backbones (AlexNet, VGG); a thin backbone
+            cannot take ImageNet weights. Other sources take only 1.
         download: allow downloading weights that are not cached.
         log: receives the one-line weights report.
 
@@ -504,7 +510,7 @@ def build_backbone(name: str, weights=None, *, out_indices: Sequence[int] = DEFA
     """
     spec = get_backbone(name)
     _check_int(in_channels, "in_channels", 1)
-    backbone = _make_backbone(spec, out_indices, in_channels, bool(return_indices))
+    backbone = _make_backbone(spec, out_indices, in_channels, bool(return_indices), width)
     if weights is not None:
         from cnnkit.models.weights import load_weights
 
