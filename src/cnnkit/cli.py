@@ -48,7 +48,7 @@ def parse_input_shape(text: str) -> tuple[int, int, int]:
 
 def _model_kwargs(args) -> dict:
     kw = {}
-    for key in ("width", "pool_size", "dropout"):
+    for key in ("width", "pool_size", "dropout", "backbone", "upsample"):
         v = getattr(args, key, None)
         if v is not None:
             kw[key] = v
@@ -68,7 +68,8 @@ def cmd_info(args) -> int:
 
     c, h, w = parse_input_shape(args.input)
     kwargs = _model_kwargs(args)
-    kwargs["num_classes"] = args.num_classes
+    if args.num_classes is not None:
+        kwargs["num_classes"] = args.num_classes
     if c != 3:
         kwargs["in_channels"] = c
     print(model_info(args.model, input_shape=(c, h, w), **kwargs))
@@ -85,6 +86,12 @@ def _add_train_flags(p: argparse.ArgumentParser, defaults) -> None:
     p.add_argument("--width", type=float, default=None, help="channel width multiplier (default: the model's own; 0.5 for the classify default)")
     p.add_argument("--pool-size", type=int, default=None, help="adaptive pool size before the classifier (default: the model's own; 1 for the classify default)")
     p.add_argument("--dropout", type=float, default=None, help="classifier dropout (default: the model's own; 0.2 for the classify default)")
+    p.add_argument("--backbone", default=None, help="yolo / unet: the registry backbone under the head (default: the model's own)")
+    if defaults.task == "segment":
+        p.add_argument("--upsample", choices=("transposed", "nearest", "bilinear"), default=None,
+                       help="unet: how the decoder upsamples (default: the model's own)")
+        p.add_argument("--class-weights", default=defaults.class_weights, help="cross-entropy class weights: "
+                       "empty (none), median-frequency, or one number per class, comma-separated")
     p.add_argument("--weights", default=None, help=f"(default: {defaults.weights or 'none'} with the default model, "
                    "else none) initial weights: none, imagenet (offline where available, see "
                    "`cnnkit weights list`), a torchvision weight name such as VGG16_Weights.IMAGENET1K_V1, or a "
@@ -133,6 +140,10 @@ TASK_DEFAULTS = {
                    config={"data": "scenes", "img_size": 160, "batch_size": 32, "epochs": 16, "lr": 0.002,
                            "optimizer": "adamw", "weight_decay": 0.05, "clip_grad": 10.0, "warmup_epochs": 1.0,
                            "weights": "imagenet"}),
+    "segment": dict(model="unet", model_kwargs={"backbone": "efficientnet_lite0", "width": 0.5},
+                    config={"data": "scenes-seg", "img_size": 160, "batch_size": 16, "epochs": 10, "lr": 0.002,
+                            "optimizer": "adamw", "weight_decay": 0.05, "clip_grad": 10.0, "warmup_epochs": 1.0,
+                            "weights": "imagenet"}),
 }
 
 
@@ -155,7 +166,7 @@ def config_from_args(task: str, args):
                       augment=not args.no_augment, precision=args.precision, channels_last=args.channels_last,
                       device=args.device, workers=args.workers, seed=args.seed, project=args.project,
                       name=args.name, exist_ok=args.exist_ok, on_bad_image=args.on_bad_image,
-                      on_bad_label=args.on_bad_label,
+                      on_bad_label=args.on_bad_label, class_weights=getattr(args, "class_weights", "") or "",
                       max_steps=args.max_steps, train_subset=args.train_subset, weights=weights, download=args.download,
                       freeze_backbone=args.freeze_backbone, unfreeze_at=args.unfreeze_at,
                       backbone_lr_scale=args.backbone_lr_scale, progress=not args.no_progress and sys.stderr.isatty())
@@ -259,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--input", default="3x224x224", help="input shape CxHxW")
     s.add_argument("--width", type=float, default=None, help="channel width multiplier")
     s.add_argument("--pool-size", type=int, default=None, help="adaptive pool size before the classifier")
-    s.add_argument("--num-classes", type=int, default=1000, help="classifier outputs")
+    s.add_argument("--num-classes", type=int, default=None, help="classes (default: the model's own: 1000 for "
+                   "classifiers, 20 for YOLO, 21 for segmentation nets)")
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("train", help="train a model", formatter_class=_fmt())

@@ -3,7 +3,7 @@
 from cnnkit.errors import UsageError
 from cnnkit.tasks.base import Task, TaskData
 
-TASKS = ("classify", "detect")
+TASKS = ("classify", "detect", "segment")
 
 
 def get_task(name: str) -> Task:
@@ -13,4 +13,7 @@ def get_task(name: str) -> Task:
     if name == "detect":
         from cnnkit.tasks.detect import DetectTask
         return DetectTask()
+    if name == "segment":
+        from cnnkit.tasks.segment import SegmentTask
+        return SegmentTask()
     raise UsageError(f"unknown task {name!r}", fix=f"choose one of {', '.join(TASKS)}")

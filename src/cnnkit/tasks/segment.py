@@ -1,0 +1,223 @@
+"""Semantic segmentation with encoder-decoder networks: data and mask-aware augmentation, the
+per-pixel cross-entropy (ignore_index 255, optional class weights), mIoU from one confusion matrix,
+prediction as index-mask PNGs and colour overlays.
+
+Evaluation accumulates a single confusion matrix over every validation pixel (in the network's input
+frame, img_size x img_size) and derives mIoU, per-class IoU and pixel accuracy from it
+(`cnnkit.tasks.segmentation_metrics`), so the figures do not depend on the batch size. Predicted
+masks for files are computed at each image's own size: the logits are resized bilinearly before the
+argmax.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from cnnkit.errors import UsageError
+from cnnkit.tasks.base import Task, TaskData
+
+IGNORE_INDEX = 255
+MEDIAN_FREQUENCY = "median-frequency"
+
+
+def parse_class_weights(spec, num_classes: int) -> list[float] | str | None:
+    """`--class-weights`: empty (none), "median-frequency", or one number per class ("1,2,0.5")."""
+    if spec is None or spec == "" or spec == []:
+        return None
+    if isinstance(spec, str) and spec.strip().lower() in (MEDIAN_FREQUENCY, "median_frequency", "balanced"):
+        return MEDIAN_FREQUENCY
+    values = spec if isinstance(spec, (list, tuple)) else str(spec).replace(",", " ").split()
+    try:
+        weights = [float(v) for v in values]
+    except ValueError:
+        raise UsageError(f"--class-weights {spec!r} is neither {MEDIAN_FREQUENCY} nor a list of numbers",
+                         fix=f"give {num_classes} comma-separated numbers or {MEDIAN_FREQUENCY}") from None
+    if len(weights) != num_classes:
+        raise UsageError(f"--class-weights has {len(weights)} values for {num_classes} classes",
+                         fix=f"give one weight per class ({num_classes})")
+    if any(not (w >= 0.0) or w == float("inf") for w in weights):
+        raise UsageError("--class-weights must be finite and >= 0", fix="e.g. --class-weights 0.5,1,1")
+    return weights
+
+
+def median_frequency_weights(dataset, num_classes: int, *, max_samples: int = 500) -> list[float]:
+    """Eigen & Fergus (2015) median frequency balancing: w_c = median(f) / f_c, f_c = pixels of class c
+    / pixels of the images where c appears; computed on up to `max_samples` untransformed masks."""
+    counts = torch.zeros(num_classes, dtype=torch.float64)
+    present = torch.zeros(num_classes, dtype=torch.float64)
+    transform, dataset.transform = dataset.transform, None
+    try:
+        for i in range(min(len(dataset), max_samples)):
+            mask = dataset[i][1].as_subclass(torch.Tensor).reshape(-1)
+            mask = mask[mask != IGNORE_INDEX]
+            c = torch.bincount(mask, minlength=num_classes)[:num_classes].double()
+            counts += c
+            present += (c > 0).double() * mask.numel()
+    finally:
+        dataset.transform = transform
+    freq = torch.where(present > 0, counts / present.clamp(min=1), torch.zeros_like(counts))
+    seen = freq[freq > 0]
+    if len(seen) == 0:
+        return [1.0] * num_classes
+    med = float(seen.median())
+    return [med / float(f) if f > 0 else 0.0 for f in freq]
+
+
+class SegmentTask(Task):
+    name = "segment"
+    fitness = "mIoU"
+    metric_names = ("loss", "mIoU", "pixel_accuracy", "mean_accuracy")
+
+    def __init__(self):
+        self.class_weights: torch.Tensor | None = None
+        self.img_size = 0
+
+    # -- data ---------------------------------------------------------------------------------
+    def build_data(self, cfg) -> TaskData:
+        from cnnkit.data.segmentation import (load_segmentation_data, segment_eval_transform,
+                                              segment_train_transform, segmentation_collate)
+
+        d = load_segmentation_data(cfg.data)
+        d.train.transform = segment_train_transform(cfg.img_size, cfg.augment)
+        d.val.transform = segment_eval_transform(cfg.img_size)
+        meta = {"img_size": cfg.img_size, "channels": 3, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
+        weights = parse_class_weights(getattr(cfg, "class_weights", None), len(d.names))
+        if weights == MEDIAN_FREQUENCY:
+            weights = median_frequency_weights(d.train, len(d.names))
+        if weights is not None:
+            meta["class_weights"] = [round(float(w), 6) for w in weights]
+        self.configure(meta)
+        return TaskData(d.train, d.val, list(d.names), collate_fn=segmentation_collate,
+                        in_memory=bool(d.in_memory), source=d.source, meta=meta)
+
+    def configure(self, meta: dict[str, Any]) -> None:
+        self.img_size = int(meta.get("img_size", 0) or 0)
+        w = meta.get("class_weights")
+        self.class_weights = torch.tensor(w, dtype=torch.float32) if w else None
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        return images.float() / 255.0
+
+    # -- model and loss -------------------------------------------------------------------------
+    def build_model(self, cfg, data: TaskData):
+        from cnnkit.models import build_model
+
+        kwargs = dict(num_classes=len(data.names), img_size=cfg.img_size, **cfg.model_kwargs)
+        if cfg.weights:
+            kwargs.update(weights=cfg.weights, download=cfg.download)
+        return build_model(cfg.model, **kwargs)
+
+    def _weight(self, device) -> torch.Tensor | None:
+        if self.class_weights is None:
+            return None
+        if self.class_weights.device != device:
+            self.class_weights = self.class_weights.to(device)
+        return self.class_weights
+
+    def criterion(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over the pixels that are not ignore_index (weighted mean with weights)."""
+        if not bool((masks != IGNORE_INDEX).any()):
+            return logits.sum() * 0.0  # an all-ignore batch: no signal, but a graph for backward
+        return F.cross_entropy(logits.float(), masks, weight=self._weight(logits.device), ignore_index=IGNORE_INDEX)
+
+    def loss(self, model, images, targets):
+        loss = self.criterion(model(images), targets)
+        return loss, {}
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def evaluate(self, model, loader, *, device, precision, names, channels_last=False) -> dict[str, Any]:
+        from cnnkit.engine.loop import to_device
+        from cnnkit.tasks.segmentation_metrics import confusion_matrix, segmentation_scores
+
+        n_cls = len(names)
+        cm = torch.zeros(n_cls, n_cls, dtype=torch.int64, device=device)
+        loss_sum, n = 0.0, 0
+        examples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        for images, masks in loader:
+            x = to_device(images, self, device, channels_last)
+            y = masks.to(device, non_blocking=True)
+            with precision.autocast():
+                logits = model(x)
+            logits = logits.float()
+            loss_sum += float(self.criterion(logits, y)) * x.shape[0]
+            n += x.shape[0]
+            pred = logits.argmax(1)
+            cm += confusion_matrix(pred, y, n_cls, ignore_index=IGNORE_INDEX)
+            for img, p, t in zip(images, pred, masks):
+                if len(examples) >= 8:
+                    break
+                examples.append((img.cpu(), p.cpu(), t.cpu()))
+        scores = segmentation_scores(cm.cpu(), names)
+        return {"loss": loss_sum / max(1, n), "mIoU": float(scores["mIoU"]),
+                "pixel_accuracy": float(scores["pixel_accuracy"]), "mean_accuracy": float(scores["mean_accuracy"]),
+                "images": n, "per_class_IoU": scores["per_class_IoU"], "confusion": cm.cpu(), "examples": examples}
+
+    def draw(self, metrics: dict[str, Any], out_dir: Path, *, names: list[str]) -> Path:
+        from cnnkit.tasks.plots import plot_grid
+        from cnnkit.tasks.segmentation_metrics import overlay, plot_segmentation_confusion
+
+        out_dir = Path(out_dir)
+        path = plot_segmentation_confusion(metrics["confusion"], names, out_dir / "confusion_matrix.png",
+                                           title=f"mIoU {metrics['mIoU']:.3f}  pixel accuracy "
+                                                 f"{metrics['pixel_accuracy']:.3f}")
+        pics, caps = [], []
+        for img, pred, truth in metrics.get("examples", []):
+            pics += [img.permute(1, 2, 0).numpy(),
+                     overlay(img, truth, num_classes=len(names)).permute(1, 2, 0).numpy(),
+                     overlay(img, pred, num_classes=len(names)).permute(1, 2, 0).numpy()]
+            caps += ["image", "truth", "prediction"]
+        if pics:
+            plot_grid(pics, caps, out_dir / "val_predictions.png", cols=6)
+        return path
+
+    # -- prediction -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict_paths(self, trained, sources, *, out_dir, top_k: int = 5, batch_size: int = 16) -> list[dict]:
+        """Segment every image of `sources` at its own size; writes masks/<stem>.png (8-bit palette PNG:
+        pixel value = class index, shown in the VOC colours) and overlays/<stem>.png (the image with the
+        classes blended in)."""
+        from PIL import Image
+        from torchvision.transforms import v2
+
+        from cnnkit.data.images import decode_image
+        from cnnkit.data.sources import collect_image_paths
+        from cnnkit.engine.checkpoint import atomic_path
+        from cnnkit.tasks.segmentation_metrics import overlay, voc_palette
+
+        paths = collect_image_paths(sources)
+        size = trained.img_size
+        names = trained.names
+        palette = [v for rgb in voc_palette(256) for v in rgb]
+        out_dir = Path(out_dir)
+        rows = []
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start:start + batch_size]
+            originals = [decode_image(p) for p in chunk]
+            x = torch.stack([v2.functional.resize(im, [size, size], antialias=True) for im in originals])
+            x = self.prepare(x.to(trained.device))
+            if trained.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with trained.precision.autocast():
+                logits = trained.model(x)
+            logits = logits.float()
+            for p, im, lg in zip(chunk, originals, logits):
+                h, w = im.shape[-2:]
+                mask = F.interpolate(lg[None], size=(h, w), mode="bilinear", align_corners=False)[0].argmax(0).cpu()
+                png = Image.fromarray(mask.to(torch.uint8).numpy(), mode="L").convert("P")
+                png.putpalette(palette)
+                with atomic_path(out_dir / "masks" / f"{p.stem}.png") as tmp:
+                    png.save(tmp, format="PNG")
+                blended = overlay(im, mask, num_classes=len(names))
+                with atomic_path(out_dir / "overlays" / f"{p.stem}.png") as tmp:
+                    Image.fromarray(blended.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
+                counts = torch.bincount(mask.reshape(-1), minlength=len(names))
+                share = [(int(c), float(v) / mask.numel()) for c, v in enumerate(counts.tolist()) if v]
+                share.sort(key=lambda t: -t[1])
+                summary = ", ".join(f"{names[c]} {s:.0%}" for c, s in share[:top_k])
+                rows.append({"path": str(p), "classes": {names[c]: s for c, s in share},
+                             "summary": f"{p}: {summary}"})
+        return rows
