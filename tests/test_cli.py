@@ -113,3 +113,13 @@ def test_weights_list_shows_offline_and_download(capsys):
 def test_unknown_weight_name_is_one_line(capsys):
     code, out, err = run(capsys, "predict", "--model", "vgg16", "--weights", "VGG16_Weights.IMAGENET1K_V9", "x.jpg")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "IMAGENET1K_V1" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["classify", "detect", "segment"])
+def test_demo_quick_runs_each_task(task, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--task", task, "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "demo:" in out and (tmp_path / "runs" / task / "demo" / "weights" / "best.pt").is_file()
+    assert any((tmp_path / "runs" / task / "demo" / "predict").iterdir())

@@ -467,4 +467,4 @@ def test_scenes_builtin_is_generated_once_and_cached(tmp_path, monkeypatch):
 def test_builtin_scenes_by_name(tmp_path, monkeypatch):
     monkeypatch.setenv("CNNKIT_DATA", str(tmp_path))
     data = load_detection_data("scenes")
-    assert (len(data.train), len(data.val)) == (2000, 300) and data.train[0][0].shape == (3, 160, 160)
+    assert (len(data.train), len(data.val)) == (4000, 300) and data.train[0][0].shape == (3, 160, 160)

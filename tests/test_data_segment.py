@@ -424,7 +424,7 @@ def test_scenes_seg(tmp_path, monkeypatch):
 def test_builtin_scenes_seg_by_name(tmp_path, monkeypatch):
     monkeypatch.setenv("CNNKIT_DATA", str(tmp_path))  # generates the 2,300 default scenes (~10 s)
     data = load_segmentation_data("scenes-seg")
-    assert (len(data.train), len(data.val)) == (2000, 300) and data.in_memory
+    assert (len(data.train), len(data.val)) == (4000, 300) and data.in_memory
     image, mask = data.train[0]
     assert image.shape == (3, 160, 160) and mask.shape == (160, 160)
     assert int(data.train.masks.max()) < len(data.names) == 11

@@ -165,3 +165,32 @@ def test_cli_corrupt_image_error_then_skip(shapes_dir, tmp_path, capsys):
     assert main(argv + ["--on-bad-image", "skip"]) == 0
     out = capsys.readouterr().out
     assert "skipped 1 bad image(s)" in out and "broken.png" in out
+
+
+def test_fp32_depthwise_keeps_weights_and_results():
+    import copy
+
+    from cnnkit.engine.device import Precision, fp32_depthwise
+    from cnnkit.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("efficientnet_lite0", num_classes=5).eval()
+    keys = list(model.state_dict())
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+    bf16 = Precision("bf16", torch.bfloat16, "cpu")
+    assert fp32_depthwise(model, torch.device("cpu"), Precision("fp32", None, "cpu")) == 0
+    n = fp32_depthwise(model, torch.device("cpu"), bf16)
+    assert n == sum(1 for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1) == 16
+    assert fp32_depthwise(model, torch.device("cpu"), bf16) == 0  # already switched
+    assert list(model.state_dict()) == keys
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref, atol=1e-5)  # outside autocast: the same fp32 arithmetic
+        dw = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert dw(torch.rand(1, dw.in_channels, 8, 8)).dtype == torch.float32
+            assert model(x).dtype == torch.bfloat16  # the rest still runs in bf16
+    twin = copy.deepcopy(model)  # EMA copies the model
+    with torch.no_grad():
+        assert torch.allclose(twin(x), ref, atol=1e-5)

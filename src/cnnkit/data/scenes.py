@@ -36,7 +36,7 @@ from cnnkit.errors import DataError, UsageError
 
 VERSION = "scenes-v1"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-DEFAULTS = {"n_train": 2000, "n_val": 300, "img_size": 160, "seed": 0, "min_items": 1, "max_items": 4,
+DEFAULTS = {"n_train": 4000, "n_val": 300, "img_size": 160, "seed": 0, "min_items": 1, "max_items": 4,
             "min_scale": 1.0, "max_scale": 4.0, "max_overlap": 0.3, "threshold": 0.1}
 JPEG_QUALITY = 90
 _SPLIT_CODE = {"train": 0, "val": 1}
@@ -150,7 +150,7 @@ def _check(p: dict) -> None:
         p[k] = int(p[k])
     if p["img_size"] < 28 or p["n_train"] < 1:
         raise UsageError(f"need img_size >= 28 and n_train >= 1, got {p['img_size']} and {p['n_train']}",
-                         fix="e.g. img_size=160, n_train=2000")
+                         fix="e.g. img_size=160, n_train=4000")
     if not p["min_items"] <= p["max_items"] <= 255:
         raise UsageError(f"need min_items <= max_items <= 255, got {p['min_items']}, {p['max_items']}",
                          fix="e.g. min_items=1, max_items=4")
@@ -161,7 +161,7 @@ def _check(p: dict) -> None:
         raise UsageError("max_overlap must lie in [0, 1] and threshold in [0, 1)", fix="e.g. 0.3 and 0.1")
 
 
-def generate_scenes(out_dir: str | os.PathLike, *, n_train: int = 2000, n_val: int = 300, img_size: int = 160,
+def generate_scenes(out_dir: str | os.PathLike, *, n_train: int = 4000, n_val: int = 300, img_size: int = 160,
                     seed: int = 0, min_items: int = 1, max_items: int = 4, min_scale: float = 1.0,
                     max_scale: float = 4.0, max_overlap: float = 0.3, threshold: float = 0.1) -> Path:
     """Generate the scenes into `out_dir` (new or empty; it appears in one rename) and return it.

@@ -10,7 +10,7 @@ import torch
 
 from cnnkit.engine import checkpoint as ck
 from cnnkit.engine.config import TrainConfig
-from cnnkit.engine.device import Precision, resolve_device, resolve_precision, use_channels_last
+from cnnkit.engine.device import Precision, fp32_depthwise, resolve_device, resolve_precision, use_channels_last
 from cnnkit.errors import DataError, WeightsError
 
 
@@ -59,6 +59,7 @@ def _place(model: torch.nn.Module, device: str, precision: str):
     model = model.to(dev).eval()
     if cl:
         model = model.to(memory_format=torch.channels_last)
+    fp32_depthwise(model, dev, prec)
     return model, dev, prec, cl
 
 

@@ -22,7 +22,7 @@ import cnnkit
 from cnnkit.engine import checkpoint as ck
 from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.finetune import backbone_parameters, is_frozen_at, set_backbone_frozen
-from cnnkit.engine.device import auto_workers, resolve_device, resolve_precision, use_channels_last
+from cnnkit.engine.device import auto_workers, fp32_depthwise, resolve_device, resolve_precision, use_channels_last
 from cnnkit.engine.loop import evaluate, train_one_epoch
 from cnnkit.engine.optim import ModelEMA, build_optimizer, build_scheduler, parameter_groups
 from cnnkit.errors import UsageError, WeightsError
@@ -190,6 +190,7 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, explicit_model: bool = F
     model = task.build_model(dataclasses.replace(cfg, weights=None) if ckpt is not None else cfg, data).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    fp32_depthwise(model, device, precision)
     train_loader = make_loader(data.train, cfg, shuffle=True, collate_fn=data.collate_fn,
                                in_memory=data.in_memory, device=device)
     val_loader = make_loader(data.val, cfg, shuffle=False, collate_fn=data.collate_fn,
