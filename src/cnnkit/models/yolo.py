@@ -66,6 +66,7 @@ import torch.nn as nn
 from cnnkit.errors import ModelError, ShapeError
 from cnnkit.models.alexnet import FC_WIDTH, scaled
 from cnnkit.models.backbones import Backbone, StageFeatures, build_backbone
+from cnnkit.models.inputs import check_image_batch
 from cnnkit.models.registry import register_model
 from cnnkit.models.summary import smallest_input_size, window_geometry
 from cnnkit.models.vgg import init_layer
@@ -183,18 +184,8 @@ class YoloDetector(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ShapeError unless x is (N, in_channels, H, W) with H, W >= min_input_size."""
-        name = getattr(self, "cnnkit_name", type(self).__name__)
-        if x.dim() != 4:
-            raise ShapeError(f"{name} expects a batch of images (N, C, H, W), got a tensor of shape "
-                             f"{tuple(x.shape)}", fix="add the batch dimension: x.unsqueeze(0)"
-                             if x.dim() == 3 else "pass a batch of images shaped (N, C, H, W)")
-        if x.shape[1] != self.in_channels:
-            raise ShapeError(f"{name} was built for {self.in_channels} input channels, got {x.shape[1]}",
-                             fix=f"build it with in_channels={x.shape[1]}, or convert the images")
-        if min(x.shape[2], x.shape[3]) < self.min_input_size:
-            raise ShapeError(f"{name} needs inputs of at least {self.min_input_size}x{self.min_input_size} "
-                             f"pixels, got {x.shape[2]}x{x.shape[3]}",
-                             fix=f"resize the images to {self.img_size}x{self.img_size}")
+        check_image_batch(x, name=getattr(self, "cnnkit_name", type(self).__name__), in_channels=self.in_channels,
+                          min_size=self.min_input_size, size_fix=f"resize the images to {self.img_size}x{self.img_size}")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -60,3 +60,21 @@ class Task:
 
     def move_targets(self, targets: Any, device: torch.device) -> Any:
         return targets.to(device, non_blocking=True) if isinstance(targets, torch.Tensor) else targets
+
+
+def square_batches(trained, paths, batch_size: int, prepare):
+    """Decode image files in chunks and resize each to the model's img_size square: yields (paths of
+    the chunk, the decoded uint8 originals, the prepared float batch on the model's device)."""
+    from torchvision.transforms import v2
+
+    from cnnkit.data.images import decode_image
+
+    size = trained.img_size
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        originals = [decode_image(p) for p in chunk]
+        x = torch.stack([v2.functional.resize(im, [size, size], antialias=True) for im in originals])
+        x = prepare(x.to(trained.device))
+        if trained.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        yield chunk, originals, x

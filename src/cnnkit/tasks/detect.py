@@ -17,7 +17,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from cnnkit.tasks.base import Task, TaskData
+from cnnkit.tasks.base import Task, TaskData, square_batches
 
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45",
            "#fabed4", "#469990", "#dcbeff", "#9a6324", "#800000", "#aaffc3", "#808000", "#000075"]
@@ -169,7 +169,6 @@ class DetectTask(Task):
 
         from PIL import Image
 
-        from cnnkit.data.images import decode_image
         from cnnkit.data.sources import collect_image_paths
         from cnnkit.engine.checkpoint import atomic_path, atomic_write_text
 
@@ -177,16 +176,11 @@ class DetectTask(Task):
         size = trained.img_size
         out_dir = Path(out_dir)
         rows, coco = [], []
-        for start in range(0, len(paths), batch_size):
-            chunk = paths[start:start + batch_size]
-            originals = [decode_image(p) for p in chunk]
-            x = torch.stack([v2.functional.resize(im, [size, size], antialias=True) for im in originals])
-            x = self.prepare(x.to(trained.device))
-            if trained.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+        image_id = 0
+        for chunk, originals, x in square_batches(trained, paths, batch_size, self.prepare):
             with trained.precision.autocast():
                 dets = self.detect(trained.model, x, conf_threshold=conf_threshold)
-            for image_id, (p, im, det) in enumerate(zip(chunk, originals, dets), start=start):
+            for p, im, det in zip(chunk, originals, dets):
                 h, w = im.shape[-2:]
                 scale = torch.tensor([w / size, h / size, w / size, h / size])
                 boxes = det["boxes"].float().cpu() * scale
@@ -206,6 +200,7 @@ class DetectTask(Task):
                                     zip(det["scores"].tolist()[:5], det["labels"].tolist()[:5]))
                 rows.append({"path": str(p), "detections": len(lines), "summary": f"{p}: {len(lines)} objects"
                              + (f" ({summary})" if summary else "")})
+                image_id += 1
         atomic_write_text(out_dir / "predictions.json", json.dumps(coco, indent=1))
         return rows
 

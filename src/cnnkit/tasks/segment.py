@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from cnnkit.errors import UsageError
-from cnnkit.tasks.base import Task, TaskData
+from cnnkit.tasks.base import Task, TaskData, square_batches
 
 IGNORE_INDEX = 255
 MEDIAN_FREQUENCY = "median-frequency"
@@ -181,26 +181,17 @@ class SegmentTask(Task):
         pixel value = class index, shown in the VOC colours) and overlays/<stem>.png (the image with the
         classes blended in)."""
         from PIL import Image
-        from torchvision.transforms import v2
 
-        from cnnkit.data.images import decode_image
         from cnnkit.data.sources import collect_image_paths
         from cnnkit.engine.checkpoint import atomic_path
         from cnnkit.tasks.segmentation_metrics import overlay, voc_palette
 
         paths = collect_image_paths(sources)
-        size = trained.img_size
         names = trained.names
         palette = [v for rgb in voc_palette(256) for v in rgb]
         out_dir = Path(out_dir)
         rows = []
-        for start in range(0, len(paths), batch_size):
-            chunk = paths[start:start + batch_size]
-            originals = [decode_image(p) for p in chunk]
-            x = torch.stack([v2.functional.resize(im, [size, size], antialias=True) for im in originals])
-            x = self.prepare(x.to(trained.device))
-            if trained.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+        for chunk, originals, x in square_batches(trained, paths, batch_size, self.prepare):
             with trained.precision.autocast():
                 logits = trained.model(x)
             logits = logits.float()

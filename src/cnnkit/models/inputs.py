@@ -1,0 +1,22 @@
+"""The input check every network runs first, so a wrong batch fails with one clear line."""
+
+from __future__ import annotations
+
+import torch
+
+from cnnkit.errors import ShapeError
+
+
+def check_image_batch(x: torch.Tensor, *, name: str, in_channels: int, min_size: int, size_fix: str) -> None:
+    """Raise ShapeError unless x is (N, in_channels, H, W) with H, W >= min_size; `size_fix` says how
+    to fix a too-small input."""
+    if x.dim() != 4:
+        raise ShapeError(f"{name} expects a batch of images (N, C, H, W), got a tensor of shape "
+                         f"{tuple(x.shape)}", fix="add the batch dimension: x.unsqueeze(0)"
+                         if x.dim() == 3 else "pass a batch of images shaped (N, C, H, W)")
+    if x.shape[1] != in_channels:
+        raise ShapeError(f"{name} was built for {in_channels} input channels, got {x.shape[1]}",
+                         fix=f"build it with in_channels={x.shape[1]}, or convert the images")
+    if min(x.shape[2], x.shape[3]) < min_size:
+        raise ShapeError(f"{name} needs inputs of at least {min_size}x{min_size} pixels, got "
+                         f"{x.shape[2]}x{x.shape[3]}", fix=size_fix)
