@@ -50,6 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cnnkit.errors import ModelError
+from cnnkit.models.inputs import check_int
 from cnnkit.models.registry import _normalise, register_model
 
 DEFAULT_OUT_INDICES = (1, 2, 3, 4)  # strides 4, 8, 16, 32
@@ -123,11 +124,6 @@ def find_backbone(name: str | None) -> BackboneSpec | None:
 
 # --- small helpers on module trees --------------------------------------------------------------
 
-def _check_int(value, what: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ModelError(f"{what} must be an int >= {low}, got {value!r}")
-    return value
-
 
 def _get_submodule(root: nn.Module, path: str) -> nn.Module:
     return root.get_submodule(path) if path else root
@@ -188,8 +184,8 @@ def _timm():
 
 def _build_timm(spec: BackboneSpec, *, num_classes: int = 1000, in_channels: int = 3,
                 dropout: float | None = None, drop_path: float | None = None) -> nn.Module:
-    _check_int(num_classes, "num_classes", 0)
-    _check_int(in_channels, "in_channels", 1)
+    check_int(num_classes, "num_classes", 0)
+    check_int(in_channels, "in_channels", 1)
     options = {}
     if dropout is not None:
         options["drop_rate"] = float(dropout)
@@ -260,7 +256,7 @@ class TorchvisionClassifier(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """A fresh last layer with `num_classes` outputs (N(0, 0.01) weights, zero bias; 0: none)."""
-        _check_int(num_classes, "num_classes", 0)
+        check_int(num_classes, "num_classes", 0)
         ref = next(self.parameters())
         if num_classes:
             layer = nn.Linear(self.head_hidden_size, num_classes, device=ref.device, dtype=ref.dtype)
@@ -293,8 +289,8 @@ def _build_torchvision_net(spec: BackboneSpec, in_channels: int, num_classes: in
 
 
 def _build_torchvision(spec: BackboneSpec, *, num_classes: int = 1000, in_channels: int = 3) -> nn.Module:
-    _check_int(num_classes, "num_classes", 0)
-    _check_int(in_channels, "in_channels", 1)
+    check_int(num_classes, "num_classes", 0)
+    check_int(in_channels, "in_channels", 1)
     net = _build_torchvision_net(spec, in_channels, num_classes)
     body, pool, head = _tv_layout(spec.arch)
     model = TorchvisionClassifier(net, body=body, pool=pool, head=head, in_channels=in_channels,
@@ -509,7 +505,7 @@ def build_backbone(name: str, weights=None, *, out_indices: Sequence[int] = DEFA
     `backbone.feature_info` (also `.channels`, `.strides`) describes the outputs.
     """
     spec = get_backbone(name)
-    _check_int(in_channels, "in_channels", 1)
+    check_int(in_channels, "in_channels", 1)
     backbone = _make_backbone(spec, out_indices, in_channels, bool(return_indices), width)
     if weights is not None:
         from cnnkit.models.weights import load_weights

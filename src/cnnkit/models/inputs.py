@@ -1,10 +1,12 @@
-"""The input check every network runs first, so a wrong batch fails with one clear line."""
+"""Checks shared by the networks: the input batch every forward checks first, and constructor options."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from cnnkit.errors import ShapeError
+from cnnkit.errors import ModelError, ShapeError
 
 
 def check_image_batch(x: torch.Tensor, *, name: str, in_channels: int, min_size: int, size_fix: str) -> None:
@@ -20,3 +22,17 @@ def check_image_batch(x: torch.Tensor, *, name: str, in_channels: int, min_size:
     if min(x.shape[2], x.shape[3]) < min_size:
         raise ShapeError(f"{name} needs inputs of at least {min_size}x{min_size} pixels, got "
                          f"{x.shape[2]}x{x.shape[3]}", fix=size_fix)
+
+
+def check_int(value, what: str, low: int) -> int:
+    """A constructor option that must be a whole number >= low (bool refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ModelError(f"{what} must be an int >= {low}, got {value!r}")
+    return value
+
+
+def check_width(width) -> float:
+    """A channel width multiplier: a finite number > 0."""
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not (math.isfinite(width) and width > 0):
+        raise ModelError(f"width must be a positive number, got {width!r}")
+    return float(width)

@@ -38,7 +38,6 @@ scores zero (Section 4.2 of the FCN paper).
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -48,7 +47,7 @@ import torch.nn.functional as F
 from cnnkit.errors import ModelError, ShapeError
 from cnnkit.models.alexnet import FC_WIDTH, scaled
 from cnnkit.models.backbones import Backbone, build_backbone, get_backbone
-from cnnkit.models.inputs import check_image_batch
+from cnnkit.models.inputs import check_image_batch, check_int, check_width
 from cnnkit.models.registry import register_model
 from cnnkit.models.vgg import init_layer
 from cnnkit.ops.sizes import conv_output_size
@@ -60,16 +59,6 @@ FCN_STRIDES = (32, 16, 8)
 
 # --- checks --------------------------------------------------------------------------------------
 
-def _check_int(value, what: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ModelError(f"{what} must be an int >= {low}, got {value!r}")
-    return value
-
-
-def _check_width(width) -> float:
-    if isinstance(width, bool) or not isinstance(width, (int, float)) or not (math.isfinite(width) and width > 0):
-        raise ModelError(f"width must be a positive number, got {width!r}")
-    return float(width)
 
 
 def _check_probability(value, what: str) -> float:
@@ -90,8 +79,8 @@ def bilinear_kernel(channels: int, factor: int, *, depthwise: bool = True) -> to
     depthwise convolution (`groups=channels`), or (channels, channels, k, k) with the filter on the
     diagonal (each channel upsampled on its own, no mixing) for a full one.
     """
-    _check_int(channels, "channels", 1)
-    _check_int(factor, "factor", 1)
+    check_int(channels, "channels", 1)
+    check_int(factor, "factor", 1)
     size = 2 * factor - factor % 2
     centre = (size - 1) / 2
     t = torch.arange(size, dtype=torch.float64)
@@ -218,10 +207,10 @@ class SegmentationNet(nn.Module):
     backbone_name: str
 
     def _set_options(self, *, num_classes, in_channels, img_size, width) -> float:
-        self.num_classes = _check_int(num_classes, "num_classes", 1)
-        self.in_channels = _check_int(in_channels, "in_channels", 1)
-        self.img_size = _check_int(img_size, "img_size", 1)
-        self.width = _check_width(width)
+        self.num_classes = check_int(num_classes, "num_classes", 1)
+        self.in_channels = check_int(in_channels, "in_channels", 1)
+        self.img_size = check_int(img_size, "img_size", 1)
+        self.width = check_width(width)
         return self.width
 
     def _encoder(self, name: str, *, width: float, **options) -> Backbone:
@@ -306,7 +295,7 @@ class DeconvNet(SegmentationNet):
         super().__init__()
         width = self._set_options(num_classes=num_classes, in_channels=in_channels, img_size=img_size,
                                   width=width)
-        _check_int(fc_channels, "fc_channels", 1)
+        check_int(fc_channels, "fc_channels", 1)
         self._encoder(backbone, width=width, out_indices=(4,), return_indices=True)
         layers = _max_pool_chain(self.backbone, "deconvnet")
         stages: list[list[nn.Conv2d]] = [[]]
@@ -417,7 +406,7 @@ class FCN(SegmentationNet):
             raise ModelError(f"FCN stride must be one of {FCN_STRIDES} (fcn32s, fcn16s, fcn8s), got {stride!r}")
         width = self._set_options(num_classes=num_classes, in_channels=in_channels, img_size=img_size,
                                   width=width)
-        _check_int(fc_channels, "fc_channels", 1)
+        check_int(fc_channels, "fc_channels", 1)
         dropout = _check_probability(dropout, "dropout")
         self.stride = stride
         self._encoder(backbone, width=width, out_indices=(4,))
@@ -561,7 +550,7 @@ class UNet(SegmentationNet):
         if not isinstance(decoder_channels, (list, tuple)) or not decoder_channels:
             raise ModelError(f"decoder_channels must be a list of ints, got {decoder_channels!r}")
         for c in decoder_channels:
-            _check_int(c, "each of decoder_channels", 1)
+            check_int(c, "each of decoder_channels", 1)
         self.upsample = upsample
         try:
             self._encoder(backbone, width=width, out_indices=(0, 1, 2, 3, 4))

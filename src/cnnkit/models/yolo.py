@@ -57,7 +57,6 @@ tests/test_yolo.py therefore uses the paper's network without it.
 
 from __future__ import annotations
 
-import math
 from typing import Sequence, Union
 
 import torch
@@ -66,7 +65,7 @@ import torch.nn as nn
 from cnnkit.errors import ModelError, ShapeError
 from cnnkit.models.alexnet import FC_WIDTH, scaled
 from cnnkit.models.backbones import Backbone, StageFeatures, build_backbone
-from cnnkit.models.inputs import check_image_batch
+from cnnkit.models.inputs import check_image_batch, check_int, check_width
 from cnnkit.models.registry import register_model
 from cnnkit.models.summary import smallest_input_size, window_geometry
 from cnnkit.models.vgg import init_layer
@@ -134,16 +133,6 @@ def feature_size(layers: Sequence[nn.Module], size: int) -> int:
     return size
 
 
-def _check_int(value, what: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ModelError(f"{what} must be an int >= {low}, got {value!r}")
-    return value
-
-
-def _check_width(width) -> float:
-    if isinstance(width, bool) or not isinstance(width, (int, float)) or not (math.isfinite(width) and width > 0):
-        raise ModelError(f"width must be a positive number, got {width!r}")
-    return float(width)
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -170,12 +159,12 @@ class YoloDetector(nn.Module):
 
     def _set_grid(self, *, num_classes: int, S: int | None, B: int, img_size: int, stride: int,
                   in_channels: int) -> None:
-        self.num_classes = _check_int(num_classes, "num_classes", 1)
-        self.B = _check_int(B, "B (boxes per cell)", 1)
-        self.img_size = _check_int(img_size, "img_size", 1)
-        self.in_channels = _check_int(in_channels, "in_channels", 1)
+        self.num_classes = check_int(num_classes, "num_classes", 1)
+        self.B = check_int(B, "B (boxes per cell)", 1)
+        self.img_size = check_int(img_size, "img_size", 1)
+        self.in_channels = check_int(in_channels, "in_channels", 1)
         self.stride = stride
-        self.S = _check_int(S, "S (grid size)", 1) if S is not None else max(1, img_size // stride)
+        self.S = check_int(S, "S (grid size)", 1) if S is not None else max(1, img_size // stride)
 
     @property
     def outputs_per_cell(self) -> int:
@@ -232,8 +221,8 @@ class YOLOv1(YoloDetector):
         super().__init__()
         self._set_grid(num_classes=num_classes, S=S, B=B, img_size=img_size, stride=FC_STRIDE,
                        in_channels=in_channels)
-        width = _check_width(width)
-        _check_int(fc_hidden, "fc_hidden", 0)
+        width = check_width(width)
+        check_int(fc_hidden, "fc_hidden", 0)
         if not isinstance(dropout, (int, float)) or not 0.0 <= dropout <= 1.0:
             raise ModelError(f"dropout must be a probability in [0, 1], got {dropout!r}")
         self.arch = arch
@@ -330,8 +319,8 @@ class YOLO(YoloDetector):
         super().__init__()
         self._set_grid(num_classes=num_classes, S=S, B=B, img_size=img_size, stride=CONV_HEAD_STRIDE,
                        in_channels=in_channels)
-        width = _check_width(width)
-        _check_int(head_channels, "head_channels", 1)
+        width = check_width(width)
+        check_int(head_channels, "head_channels", 1)
         self.backbone = build_backbone(backbone, out_indices=(4,), in_channels=in_channels, log=None)
         self.backbone_name = self.backbone.cnnkit_backbone
         self.min_input_size = int(self.backbone.min_input_size)
