@@ -43,8 +43,8 @@ def run(args, weights: str | None, seed: int, tmp: str) -> tuple[float, float]:
         d = TASK_DEFAULTS[args.task]
         cfg = TrainConfig(task=args.task, model=d["model"], model_kwargs=dict(d["model_kwargs"]),
                           **{**d["config"], "epochs": args.epochs, "weights": weights, "seed": seed,
-                             "project": tmp, "name": f"{weights or 'scratch'}-{seed}", "progress": False,
-                             "plots": False})
+                             "project": args.keep or tmp, "name": f"{weights or 'scratch'}-{seed}",
+                             "progress": False, "plots": bool(args.keep), "exist_ok": True})
     t = time.perf_counter()
     result = fit(cfg, log=lambda *_: None)
     return float(result.history[-1][METRIC[args.task]]), time.perf_counter() - t
@@ -63,6 +63,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--keep", default="", help="detect/segment: keep the runs (with their pictures) under this folder")
     args = ap.parse_args()
 
     rows = {}
