@@ -74,7 +74,7 @@ def main() -> None:
                 acc, sec = run(args, weights, seed, tmp)
                 accs.append(acc)
                 secs.append(sec)
-                print(f"{weights or 'scratch':>10s} seed {seed}: top-1 {acc:.4f} ({sec:.0f} s)", flush=True)
+                print(f"{weights or 'scratch':>10s} seed {seed}: {METRIC[args.task][4:]} {acc:.4f} ({sec:.0f} s)", flush=True)
             rows[weights or "scratch"] = (statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0,
                                           statistics.median(secs))
     pre, scratch = rows[args.weights], rows["scratch"]
