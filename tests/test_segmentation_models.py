@@ -288,3 +288,18 @@ def test_cnnkit_info_shows_parameters_and_macs(name, capsys):
     assert "21 x 65 x 80" in out  # the logits at the input's size
     assert main(["info", name, "--input", "3x31x80", "--width", "0.125"]) == 2
     assert "at least 32x32" in capsys.readouterr().err
+
+
+def test_classifier_weight_file_goes_to_the_backbone_and_own_file_to_the_model(tmp_path):
+    torch.manual_seed(0)
+    clf = build_model("vgg11", num_classes=10, width=0.25, pool_size=1)
+    torch.save(clf.state_dict(), tmp_path / "vgg11.pth")
+    lines = []
+    net = build_model("unet", backbone="vgg11", width=0.25, num_classes=3, weights=str(tmp_path / "vgg11.pth"),
+                      log=lines.append)
+    assert torch.equal(net.backbone.features[0].weight, clf.features[0].weight)
+    assert "vgg11" in lines[0] and "classifier" in lines[0]
+    torch.save(net.state_dict(), tmp_path / "unet.pth")
+    twin = build_model("unet", backbone="vgg11", width=0.25, num_classes=3, weights=str(tmp_path / "unet.pth"),
+                       log=lines.append)
+    assert all(torch.equal(a, b) for a, b in zip(twin.state_dict().values(), net.state_dict().values()))

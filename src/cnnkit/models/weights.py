@@ -521,9 +521,9 @@ def load_weights(model: nn.Module, weights, *, arch: str | None = None, download
     """
     arch = arch or getattr(model, "cnnkit_backbone", None) or getattr(model, "cnnkit_name", None)
     inner = getattr(model, "backbone", None)
-    if (find_backbone(arch) is None and isinstance(inner, Backbone) and isinstance(weights, str)
-            and not _looks_like_file(weights)):
-        # A detection / segmentation model: ImageNet and torchvision weights go to its backbone.
+    if find_backbone(arch) is None and isinstance(inner, Backbone) and _for_backbone(arch, weights, download):
+        # A detection / segmentation model: ImageNet and torchvision weights, and classifier weight files
+        # (no "backbone." keys), go to its backbone.
         report = load_weights(inner, weights, download=download, log=log)
         if getattr(inner, "cnnkit_preprocess", None):
             model.cnnkit_preprocess = dict(inner.cnnkit_preprocess)  # type: ignore[attr-defined]
@@ -545,6 +545,17 @@ def load_weights(model: nn.Module, weights, *, arch: str | None = None, download
     if log is not None:
         log(report.line())
     return report
+
+
+def _for_backbone(arch, weights, download: bool) -> bool:
+    """Whether weights given to a model that holds a backbone are meant for that backbone: a weight name,
+    or a file of a classifier (none of its keys starts with "backbone.", as a whole detector's would)."""
+    if not isinstance(weights, (str, os.PathLike)):
+        return False
+    if not _looks_like_file(str(weights)):
+        return True
+    state, _ = resolve_weights(arch, weights, download=download)
+    return not any(k.startswith("backbone.") for k in state)
 
 
 def _num_outputs(model: nn.Module) -> int | None:
