@@ -113,7 +113,7 @@ class DetectTask(Task):
     # -- evaluation -----------------------------------------------------------------------------
     def evaluate(self, model, loader, *, device, precision, names, channels_last=False) -> dict[str, Any]:
         from cnnkit.engine.loop import to_device
-        from cnnkit.tasks.detection_metrics import coco_metrics, precision_recall_curves, voc07_ap50
+        from cnnkit.tasks.detection_metrics import coco_metrics, voc07_and_curves
         from cnnkit.tasks.yolo import encode_targets, postprocess, yolo_loss
 
         g = self._shape(model)
@@ -138,11 +138,11 @@ class DetectTask(Task):
                 if len(examples) < 16:
                     examples.append(img.cpu())
         coco = coco_metrics(preds, gts, names)
-        voc = voc07_ap50(preds, gts, names)
+        voc, curves = voc07_and_curves(preds, gts, names)
         return {"loss": loss_sum / max(1, n), "AP": float(coco["AP"]), "AP50": float(coco["AP50"]),
                 "AP75": float(coco["AP75"]), "mAP50_voc07": float(voc["mAP50_voc07"]), "images": n,
                 "per_class_AP50": coco.get("per_class_AP50", {}), "per_class_AP": coco.get("per_class_AP", {}),
-                "pr_curves": precision_recall_curves(preds, gts, names),
+                "pr_curves": curves,
                 "examples": (examples, preds[:len(examples)], gts[:len(examples)])}
 
     def draw(self, metrics: dict[str, Any], out_dir: Path, *, names: list[str]) -> Path:

@@ -242,6 +242,25 @@ def voc07_ap_from_curve(recall: np.ndarray, precision: np.ndarray) -> float:
     return float(values.mean())
 
 
+def voc07_and_curves(predictions: Sequence[dict], ground_truths: Sequence[dict], names: Sequence[str],
+                     iou: float = 0.5) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """`voc07_ap50` and `precision_recall_curves` from one matching pass (what an evaluation needs)."""
+    names = list(names)
+    preds, gts = _unpack(predictions, ground_truths, len(names))
+    per_class: dict[str, float] = {}
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    aps = []
+    for name, (tp, fp, n_pos) in zip(names, _match_voc(preds, gts, len(names), iou)):
+        if n_pos == 0:
+            per_class[name] = -1.0
+            curves[name] = (np.zeros(0), np.zeros(0))
+            continue
+        curves[name] = _curve(tp, fp, n_pos)
+        per_class[name] = voc07_ap_from_curve(*curves[name])
+        aps.append(per_class[name])
+    return {"mAP50_voc07": float(np.mean(aps)) if aps else 0.0, "per_class": per_class}, curves
+
+
 def voc07_ap50(predictions: Sequence[dict], ground_truths: Sequence[dict], names: Sequence[str],
                iou: float = 0.5) -> dict[str, Any]:
     """PASCAL VOC 2007 11-point interpolated AP at IoU 0.5 (see the module docstring).
@@ -249,17 +268,7 @@ def voc07_ap50(predictions: Sequence[dict], ground_truths: Sequence[dict], names
     Returns {"mAP50_voc07": mean over the classes that have ground truth (0.0 if none),
     "per_class": {name: AP, or -1.0 for a class without ground truth}}.
     """
-    names = list(names)
-    preds, gts = _unpack(predictions, ground_truths, len(names))
-    per_class: dict[str, float] = {}
-    aps = []
-    for name, (tp, fp, n_pos) in zip(names, _match_voc(preds, gts, len(names), iou)):
-        if n_pos == 0:
-            per_class[name] = -1.0
-            continue
-        per_class[name] = voc07_ap_from_curve(*_curve(tp, fp, n_pos))
-        aps.append(per_class[name])
-    return {"mAP50_voc07": float(np.mean(aps)) if aps else 0.0, "per_class": per_class}
+    return voc07_and_curves(predictions, ground_truths, names, iou)[0]
 
 
 def precision_recall_curves(predictions: Sequence[dict], ground_truths: Sequence[dict], names: Sequence[str],
@@ -268,12 +277,7 @@ def precision_recall_curves(predictions: Sequence[dict], ground_truths: Sequence
 
     A class without ground truth gets two empty arrays.
     """
-    names = list(names)
-    preds, gts = _unpack(predictions, ground_truths, len(names))
-    curves = {}
-    for name, (tp, fp, n_pos) in zip(names, _match_voc(preds, gts, len(names), iou)):
-        curves[name] = _curve(tp, fp, n_pos) if n_pos else (np.zeros(0), np.zeros(0))
-    return curves
+    return voc07_and_curves(predictions, ground_truths, names, iou)[1]
 
 
 def plot_pr_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path, title: str = "", *,
