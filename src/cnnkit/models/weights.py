@@ -515,21 +515,39 @@ def load_weights(model: nn.Module, weights, *, arch: str | None = None, download
 
     `arch` names the backbone whose ImageNet / torchvision weights apply; by default the model's
     `cnnkit_backbone` or registry name. A model that is no backbone but holds one as `model.backbone`
-    (a `Backbone` from `build_backbone`) sends "imagenet" / torchvision names to that backbone. `download=True` allows fetching uncached weights. Returns the
+    (a `Backbone` from `build_backbone`) sends "imagenet", torchvision names and classifier weight files to that
+    backbone; a file of the whole model loads whole. `download=True` allows fetching uncached weights. Returns the
     `WeightsReport`, also stored as `model.cnnkit_weights_report`; its one-line summary goes to `log`.
     Sets `model.cnnkit_preprocess` and (1000 ImageNet outputs) `model.cnnkit_categories`.
     """
     arch = arch or getattr(model, "cnnkit_backbone", None) or getattr(model, "cnnkit_name", None)
     inner = getattr(model, "backbone", None)
-    if find_backbone(arch) is None and isinstance(inner, Backbone) and _for_backbone(arch, weights, download):
+    if find_backbone(arch) is None and isinstance(inner, Backbone):
         # A detection / segmentation model: ImageNet and torchvision weights, and classifier weight files
-        # (no "backbone." keys), go to its backbone.
+        # (no "backbone." keys, as a whole detector's would have), go to its backbone.
+        if isinstance(weights, str) and not _looks_like_file(weights):
+            return _load_into_backbone(model, inner, weights, download=download, log=log)
+        state, source = resolve_weights(inner.cnnkit_backbone, weights, download=download)
+        if not any(k.startswith("backbone.") for k in state):
+            return _load_into_backbone(model, inner, weights, resolved=(state, source), log=log)
+    else:
+        state, source = resolve_weights(arch, weights, download=download)
+    return _load_resolved(model, arch or type(model).__name__, state, source, log)
+
+
+def _load_into_backbone(model: nn.Module, inner: Backbone, weights, *, download: bool = False, resolved=None,
+                        log=None) -> WeightsReport:
+    if resolved is None:
         report = load_weights(inner, weights, download=download, log=log)
-        if getattr(inner, "cnnkit_preprocess", None):
-            model.cnnkit_preprocess = dict(inner.cnnkit_preprocess)  # type: ignore[attr-defined]
-        return report
-    name = arch or type(model).__name__
-    state, source = resolve_weights(arch, weights, download=download)
+    else:
+        report = _load_resolved(inner, inner.cnnkit_backbone, *resolved, log)
+    if getattr(inner, "cnnkit_preprocess", None):
+        model.cnnkit_preprocess = dict(inner.cnnkit_preprocess)  # type: ignore[attr-defined]
+    return report
+
+
+def _load_resolved(model: nn.Module, name: str, state, source, log) -> WeightsReport:
+    """Transfer a resolved state_dict into `model` and record what it brings (report, preprocessing, names)."""
     target = model.weights_target() if isinstance(model, Backbone) else model
     where = source.location if source.kind == "file" else None
     report = transfer_state_dict(target, state, head=_head_prefix(model), allow_unused=isinstance(model, Backbone),
@@ -545,17 +563,6 @@ def load_weights(model: nn.Module, weights, *, arch: str | None = None, download
     if log is not None:
         log(report.line())
     return report
-
-
-def _for_backbone(arch, weights, download: bool) -> bool:
-    """Whether weights given to a model that holds a backbone are meant for that backbone: a weight name,
-    or a file of a classifier (none of its keys starts with "backbone.", as a whole detector's would)."""
-    if not isinstance(weights, (str, os.PathLike)):
-        return False
-    if not _looks_like_file(str(weights)):
-        return True
-    state, _ = resolve_weights(arch, weights, download=download)
-    return not any(k.startswith("backbone.") for k in state)
 
 
 def _num_outputs(model: nn.Module) -> int | None:
