@@ -149,8 +149,10 @@ def load_classification_data(spec: str | os.PathLike, *, on_bad_image: str = "er
     text = os.fspath(spec)
     if text in builtin.BUILTIN_NAMES:
         return builtin.load_builtin(text)
-    path = Path(text).expanduser()
-    if not path.exists():
+    from cnnkit.data.config import exists, expand_user
+
+    path = expand_user(text)
+    if not exists(path):
         close = difflib.get_close_matches(text, builtin.BUILTIN_NAMES, n=1)
         hint = (f"did you mean {close[0]}?" if close else
                 f"give an existing folder or data YAML, or a built-in name ({', '.join(builtin.BUILTIN_NAMES)})")

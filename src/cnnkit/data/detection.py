@@ -168,8 +168,10 @@ def load_detection_data(spec: str | os.PathLike, *, on_bad_label: str = "error",
         splits = read_yolo(root / "data.yaml", on_bad_label=on_bad_label)
         label = f"scenes (generated, {root})"
     else:
-        path = Path(text).expanduser()
-        if not path.exists():
+        from cnnkit.data.config import exists, expand_user
+
+        path = expand_user(text)
+        if not exists(path):
             close = difflib.get_close_matches(text, BUILTIN_DETECTION, n=1)
             raise DataError("dataset not found: no such file or folder", path=text,
                             fix=f"did you mean {close[0]}?" if close else

@@ -80,6 +80,9 @@ def check_idx_header(data: bytes, path: Path, kind: str) -> tuple[int, ...]:
     payload = 1
     for d in dims:
         payload *= d
+    if payload == 0:
+        raise DataError(f"empty IDX file: dimensions {'x'.join(map(str, dims))} hold no values", path=str(path),
+                        fix=fix)
     if len(data) - header != payload:
         state = "truncated" if len(data) - header < payload else "too long"
         raise DataError(f"{state} IDX file: dimensions {'x'.join(map(str, dims))} need {payload} bytes of "

@@ -96,9 +96,21 @@ def pil_to_rgb_array(img: Image.Image) -> np.ndarray:
     return np.array(img, dtype=np.uint8, copy=True)
 
 
+def check_pixel_limit(img: Image.Image) -> None:
+    """Refuse an image whose header declares more pixels than Pillow's `Image.MAX_IMAGE_PIXELS`
+    (89.5 M by default) before any pixel is decoded: Pillow itself only warns between 1x and 2x that
+    limit, and a small file can declare a huge image (a decompression bomb)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    w, h = img.size
+    if limit is not None and w * h > limit:
+        raise ValueError(f"image of {w}x{h} = {w * h:,} pixels is above the decompression-bomb limit of "
+                         f"{limit:,} pixels (PIL.Image.MAX_IMAGE_PIXELS)")
+
+
 def _load_oriented(path: str) -> Image.Image:
     """Open, decode fully (so truncation shows), apply EXIF orientation; the result owns its pixels."""
     with Image.open(path) as img:
+        check_pixel_limit(img)
         img.load()
         try:
             oriented = ImageOps.exif_transpose(img)
@@ -121,6 +133,7 @@ def _array_or_reason(path: str) -> tuple[np.ndarray | None, str]:
 def _size_or_reason(path: str) -> tuple[tuple[int, int] | None, str]:
     try:
         with Image.open(path) as img:
+            check_pixel_limit(img)
             return img.size, ""
     except MemoryError:
         raise

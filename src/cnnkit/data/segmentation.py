@@ -60,7 +60,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from cnnkit.data.classification import VAL_FRACTION, split_rank_key
-from cnnkit.data.images import DEFAULT_CACHE_BYTES, decode_image, decode_many, is_image_file
+from cnnkit.data.config import OUTSIDE_ROOT, exists, expand_user, is_dir, is_file, list_tree, resolve_inside
+from cnnkit.data.images import DEFAULT_CACHE_BYTES, check_pixel_limit, decode_image, decode_many, is_image_file
 from cnnkit.errors import DataError, ShapeError
 
 BUILTIN_SEGMENTATION = ("scenes-seg",)
@@ -89,6 +90,7 @@ def _mask_array(path: Path, num_classes: int | None, ignore_index: int) -> np.nd
     """The class indices of a mask file as int64 [H, W] (rules in the module docstring)."""
     try:
         with Image.open(path) as img:
+            check_pixel_limit(img)
             img.load()
             try:
                 oriented = ImageOps.exif_transpose(img)
@@ -140,6 +142,7 @@ def decode_mask(path: str | os.PathLike, num_classes: int | None, ignore_index: 
 def _mask_size(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as img:
+            check_pixel_limit(img)
             return img.size
     except MemoryError:
         raise
@@ -267,9 +270,11 @@ class _Source:
     notes: list[str] = field(default_factory=list)
 
 
-def _pairs(image_dir: Path, mask_dir: Path, notes: list[str]) -> list[Pair]:
-    """Every image under image_dir with its mask mask_dir/<relative path>.png; a missing mask raises."""
-    images = sorted(p for p in image_dir.rglob("*") if p.is_file() and is_image_file(p))
+def _pairs(image_dir: Path, mask_dir: Path, notes: list[str], missing: list | None = None) -> list[Pair]:
+    """Every image under image_dir with its mask mask_dir/<relative path>.png; a missing mask raises,
+    or, when `missing` is a list (`cnnkit data check` gathers every problem), is appended to it as
+    (image, expected mask) and the image left out."""
+    images = [p for p in list_tree(image_dir) if is_image_file(p)]
     if not images:
         raise DataError("no images in this folder", path=str(image_dir),
                         fix="put the images (.jpg, .png, .bmp, .webp) there, or correct the path")
@@ -280,6 +285,9 @@ def _pairs(image_dir: Path, mask_dir: Path, notes: list[str]) -> list[Pair]:
     for image in images:
         mask = (mask_dir / image.relative_to(image_dir)).with_suffix(".png")
         if not mask.is_file():
+            if missing is not None:
+                missing.append((image, mask))
+                continue
             raise DataError(f"no mask for this image: expected {mask}", path=str(image),
                             fix="save the image's index mask there as a PNG, or remove the image")
         pairs.append((image, mask))
@@ -303,7 +311,7 @@ def _names_file(root: Path) -> list[str] | None:
     return None
 
 
-def _read_folder(root: Path) -> _Source:
+def _read_folder(root: Path, missing: list | None = None) -> _Source:
     from cnnkit.data.scenes import is_scenes_dir, masks_dir, segmentation_names
 
     notes: list[str] = []
@@ -313,9 +321,9 @@ def _read_folder(root: Path) -> _Source:
         if "train" not in split_dirs:
             raise DataError("no train split: images/train is missing", path=str(root),
                             fix="put the training images in images/train and their masks in masks/train")
-        splits = {s: _pairs(images / s, masks_dir(root, s), notes) for s in split_dirs}
+        splits = {s: _pairs(images / s, masks_dir(root, s), notes, missing) for s in split_dirs}
     else:
-        splits = {"train": _pairs(images, root / "masks", notes)}
+        splits = {"train": _pairs(images, root / "masks", notes, missing)}
     if is_scenes_dir(root):
         names = segmentation_names(root)
     else:
@@ -361,8 +369,11 @@ def _read_voc(root: Path) -> _Source:
     for split, ids in listed.items():
         pairs = []
         for image_id, list_file, line in ids:
+            if "/" in image_id or "\\" in image_id or image_id in (".", "..") or "\0" in image_id:
+                raise DataError(f"path outside the dataset: image id {image_id!r} is not a plain file stem",
+                                path=str(list_file or root), line=line, fix="list plain image ids, one a line")
             image = next((root / "JPEGImages" / f"{image_id}{ext}" for ext in (".jpg", ".jpeg", ".png", ".JPG")
-                          if (root / "JPEGImages" / f"{image_id}{ext}").is_file()), None)
+                          if is_file(root / "JPEGImages" / f"{image_id}{ext}")), None)
             if image is None:
                 raise DataError(f"image '{image_id}' not found in {root / 'JPEGImages'}",
                                 path=str(list_file or masks / f"{image_id}.png"), line=line,
@@ -383,9 +394,11 @@ def _yaml_folder(cfg, key: str, value) -> Path:
     make = cfg.error_at(key)
     if not isinstance(value, str):
         raise make(f"'{key}' must be a folder name, got {value!r}", fix=f"write {key}: <folder>")
-    folder = Path(value).expanduser()
-    folder = folder if folder.is_absolute() else cfg.root / folder
-    if not folder.is_dir():
+    folder = resolve_inside(cfg.root, expand_user(value))
+    if folder is None:
+        raise make(f"{OUTSIDE_ROOT}: '{key}' {value!r} points outside the dataset root {cfg.root}",
+                   fix=f"give a folder inside {cfg.root}, or set 'path' to a folder that holds it")
+    if not is_dir(folder):
         raise make(f"'{key}' folder {folder} does not exist",
                    fix=f"create it or correct '{key}' (relative to 'path' = {cfg.root})")
     return folder
@@ -401,7 +414,7 @@ def _default_masks(cfg, split: str, images: Path) -> Path:
                               fix=f"add {split}_masks: <folder of the {split} masks>")
 
 
-def _read_yaml(file: Path) -> _Source:
+def _read_yaml(file: Path, missing: list | None = None) -> _Source:
     from cnnkit.data.config import read_data_yaml
 
     cfg = read_data_yaml(file)
@@ -424,28 +437,29 @@ def _read_yaml(file: Path) -> _Source:
         key = f"{split}_masks"
         masks = (_yaml_folder(cfg, key, cfg.values[key]) if cfg.values.get(key) is not None
                  else _default_masks(cfg, split, images))
-        splits[split] = _pairs(images, masks, notes)
+        splits[split] = _pairs(images, masks, notes, missing)
     return _Source(splits, cfg.names, f"{file} (data YAML)", cfg.root, ignore_index=ignore, notes=notes)
 
 
-def _read_source(spec: str | os.PathLike) -> _Source:
+def _read_source(spec: str | os.PathLike, missing: list | None = None) -> _Source:
+    """The pairs of every split; `missing`: see `_pairs`."""
     text = os.fspath(spec)
     if text in BUILTIN_SEGMENTATION:
         from cnnkit.data.scenes import ensure_scenes, masks_dir, segmentation_names
 
         root = ensure_scenes()
         notes: list[str] = []
-        splits = {s: _pairs(root / "images" / s, masks_dir(root, s), notes) for s in ("train", "val")}
+        splits = {s: _pairs(root / "images" / s, masks_dir(root, s), notes, missing) for s in ("train", "val")}
         return _Source(splits, segmentation_names(root), f"scenes-seg (generated, {root})", root, notes=notes)
-    path = Path(text).expanduser()
-    if not path.exists():
+    path = expand_user(text)
+    if not exists(path):
         close = difflib.get_close_matches(text, BUILTIN_SEGMENTATION, n=1, cutoff=0.5)
         raise DataError("dataset not found: no such file or folder", path=text,
                         fix=f"did you mean {close[0]}?" if close else
                         "give a data YAML, an images/ + masks/ folder, a Pascal VOC folder or 'scenes-seg'")
     if path.is_file():
         if path.suffix.lower() in (".yaml", ".yml"):
-            return _read_yaml(path)
+            return _read_yaml(path, missing)
         raise DataError("not a data YAML", path=text, fix="give a .yaml file, or the dataset folder")
     voc = _voc_root(path)
     if voc is not None:
@@ -453,9 +467,9 @@ def _read_source(spec: str | os.PathLike) -> _Source:
     from cnnkit.data.scenes import is_scenes_dir
 
     if (path / "data.yaml").is_file() and not is_scenes_dir(path):
-        return _read_yaml(path / "data.yaml")
+        return _read_yaml(path / "data.yaml", missing)
     if (path / "images").is_dir():
-        return _read_folder(path)
+        return _read_folder(path, missing)
     raise DataError("not a segmentation dataset folder (no images/, JPEGImages/ or data.yaml)", path=text,
                     fix="use images/{train,val}/* with masks/{train,val}/<stem>.png, or the Pascal VOC layout")
 

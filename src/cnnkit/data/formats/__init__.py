@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import tempfile
+import unicodedata
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 from PIL import Image
 
+from cnnkit.data.config import exists, expand_user
+from cnnkit.data.images import check_pixel_limit
 from cnnkit.errors import DataError, UsageError
 
 ON_BAD_LABEL = ("error", "skip")
@@ -163,6 +166,7 @@ def _oriented_size(path: str) -> tuple[tuple[int, int] | None, str]:
     """((width, height) as displayed, "") from the header, EXIF orientation 5-8 swapping the two."""
     try:
         with Image.open(path) as img:
+            check_pixel_limit(img)
             w, h = img.size
             try:
                 orientation = img.getexif().get(0x0112, 1)
@@ -254,8 +258,25 @@ def place_split_images(tmp: Path, splits: "DetectionSplits", link: bool) -> dict
     return file_names
 
 
+def check_class_name(name) -> str:
+    """'' for a class name every format can hold, else what is wrong with it: labels.txt and
+    classes.txt hold one stripped name a line, and XML cannot hold control characters."""
+    if not isinstance(name, str) or not name.strip():
+        return "is empty"
+    if name != name.strip():
+        return "starts or ends with white space"
+    if len(name.splitlines()) != 1 or any(unicodedata.category(c) in ("Cc", "Cs") for c in name):
+        return "holds a line break or a control character"
+    return ""
+
+
 def check_splits(splits: DetectionSplits) -> None:
-    """Refuse to write what the formats cannot hold: labels outside names, odd shapes."""
+    """Refuse to write what the formats cannot hold: labels outside names, odd class names."""
+    for k, name in enumerate(splits.names):
+        what = check_class_name(name)
+        if what:
+            raise DataError(f"class name {k} ({name!r}) {what}; the files could not hold it",
+                            fix="rename the class (letters, digits, spaces inside, no line breaks)")
     n = len(splits.names)
     for split, recs in splits.splits.items():
         for rec in recs:
@@ -268,8 +289,8 @@ def check_splits(splits: DetectionSplits) -> None:
 
 def detect_format(src: str | os.PathLike) -> str:
     """"yolo", "coco" or "voc" from what `src` holds; a DataError says what was looked for."""
-    path = Path(src).expanduser()
-    if not path.exists():
+    path = expand_user(src)
+    if not exists(path):
         raise DataError("no such file or folder", path=str(path), fix="check the path")
     if path.is_file():
         suffix = path.suffix.lower()

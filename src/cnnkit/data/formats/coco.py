@@ -18,6 +18,7 @@ import math
 import os
 from pathlib import Path
 
+from cnnkit.data.config import OUTSIDE_ROOT, exists, is_dir, is_file, resolve_inside
 from cnnkit.data.formats import (CLASS_OUT_OF_RANGE, IMAGE_NOT_FOUND, MISSING_KEY, UNKNOWN_IMAGE_ID,
                                  UNREADABLE_IMAGE, DetectionRecord, DetectionSplits, Problems, check_box,
                                  check_splits, image_sizes, place_split_images, staging_dir)
@@ -85,7 +86,7 @@ def _image_dir(root: Path, json_file: Path, split: str, name: str, file_names: l
     candidates = list(dict.fromkeys(candidates))
     probe = file_names[:20]
     for folder in candidates:
-        if folder.is_dir() and any((folder / f).is_file() for f in probe):
+        if is_dir(folder) and any(is_file(folder / f) for f in probe):
             return folder
     raise DataError("cannot find the images of this file; looked in " + ", ".join(str(c) for c in candidates),
                     path=str(json_file), fix="put the images in images/<split>/ beside annotations/")
@@ -114,11 +115,25 @@ def _read_one(file: Path, root: Path, split: str, name: str, problems: Problems,
                                 fix="give every image its own id")
                 continue
             seen_ids.add(img["id"])
+            if Path(img["file_name"]).is_absolute():
+                problems.report(OUTSIDE_ROOT, f"images[{i}] (id {img['id']}): 'file_name' {img['file_name']!r} "
+                                "points outside the dataset folder", file,
+                                fix="give file_name relative to the images folder, without '..'")
+                continue
             w, h = img.get("width"), img.get("height")
             sized = _is_int(w) and _is_int(h) and w > 0 and h > 0
             entries.append((i, img["id"], img["file_name"], w if sized else None, h if sized else None))
 
     folder = _image_dir(root, file, split, name, [e[2] for e in entries]) if entries else root
+    inside = []
+    for entry in entries:
+        if resolve_inside(root, folder / entry[2]) is None:
+            problems.report(OUTSIDE_ROOT, f"images[{entry[0]}] (id {entry[1]}): 'file_name' {entry[2]!r} "
+                            f"points outside the dataset folder {root}", file,
+                            fix="give file_name relative to the images folder, without '..'")
+        else:
+            inside.append(entry)
+    entries = inside
     need_size = [str(folder / e[2]) for e in entries if e[3] is None]
     sizes = iter(image_sizes(need_size))
     records: dict[int, DetectionRecord] = {}
@@ -127,13 +142,13 @@ def _read_one(file: Path, root: Path, split: str, name: str, problems: Problems,
         if w is None:
             size, reason = next(sizes)
             if size is None:
-                kind = IMAGE_NOT_FOUND if not path.exists() else UNREADABLE_IMAGE
+                kind = IMAGE_NOT_FOUND if not exists(path) else UNREADABLE_IMAGE
                 problems.report(kind, f"images[{i}] (id {image_id}): {file_name!r}: "
                                 f"{'no such file' if kind == IMAGE_NOT_FOUND else reason}", file,
                                 fix="add the image or remove its entry")
                 continue
             w, h = size
-        elif not path.is_file():
+        elif not is_file(path):
             problems.report(IMAGE_NOT_FOUND, f"images[{i}] (id {image_id}): {file_name!r} is not in {folder}", file,
                             fix="add the image or remove its entry")
             continue

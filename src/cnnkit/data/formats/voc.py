@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from xml.parsers import expat
 
+from cnnkit.data.config import OUTSIDE_ROOT, is_file, resolve_inside
 from cnnkit.data.formats import (IMAGE_NOT_FOUND, LABEL_WITHOUT_IMAGE, MALFORMED_XML, MISSING_KEY,
                                  UNKNOWN_CLASS, UNREADABLE_IMAGE, DetectionRecord, DetectionSplits, Problems,
                                  check_box, check_splits, image_sizes, place_image, staging_dir, unique_names)
@@ -72,11 +73,19 @@ def parse_xml(data: bytes) -> XmlNode:
     return roots[0]
 
 
+def _read_text(file: Path, what: str) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read: {' '.join(str(exc).split())}", path=str(file),
+                        fix=f"save it as UTF-8 text, {what}") from None
+
+
 def _names_file(root: Path) -> list[str] | None:
     for name in ("labels.txt", "classes.txt"):
         f = root / name
         if f.is_file():
-            names = [line.strip() for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+            names = [line.strip() for line in _read_text(f, "one class name a line").splitlines() if line.strip()]
             if names:
                 return names
     return None
@@ -92,17 +101,17 @@ def _split_ids(root: Path) -> dict[str, list[str]]:
         return {"train": sorted(p.stem for p in (root / "Annotations").glob("*.xml"))}
     out = {}
     for split, f in found.items():
-        out[split] = [line.split()[0] for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+        out[split] = [line.split()[0] for line in _read_text(f, "one image id a line").splitlines() if line.strip()]
     return out
 
 
 def _image_path(root: Path, image_id: str, filename: str) -> Path | None:
     folder = root / "JPEGImages"
-    if filename and (folder / filename).is_file():
+    if filename and resolve_inside(folder, filename) is not None and is_file(folder / filename):
         return folder / filename
     for ext in sorted(IMAGE_EXTENSIONS):
         for e in (ext, ext.upper()):
-            if (folder / f"{image_id}{e}").is_file():
+            if is_file(folder / f"{image_id}{e}"):
                 return folder / f"{image_id}{e}"
     return None
 
@@ -189,7 +198,12 @@ def read_voc(src: str | os.PathLike, *, on_bad_label: str = "error",
         parsed_splits[split] = []
         for image_id in ids:
             xml = root / "Annotations" / f"{image_id}.xml"
-            if not xml.is_file():
+            if resolve_inside(root / "Annotations", f"{image_id}.xml") is None:
+                problems.report(OUTSIDE_ROOT, f"id {image_id!r} of ImageSets/Main/{split}.txt points outside "
+                                "Annotations/", root / "ImageSets" / "Main" / f"{split}.txt",
+                                fix="list plain image ids (file stems), one a line")
+                continue
+            if not is_file(xml):
                 problems.report(IMAGE_NOT_FOUND, f"id {image_id!r} of ImageSets/Main/{split}.txt has no "
                                 f"Annotations/{image_id}.xml", root / "ImageSets" / "Main" / f"{split}.txt",
                                 fix="add the annotation or remove the id")
@@ -201,6 +215,9 @@ def read_voc(src: str | os.PathLike, *, on_bad_label: str = "error",
     names = list(names) if names is not None else _names_file(root)
     if names is None:
         names = sorted({obj[0] for recs in parsed_splits.values() for p in recs for obj in p.objects})
+    if not names:
+        raise DataError("no class names: no labels.txt and no <object> with a <name> in any annotation",
+                        path=str(root), fix="add labels.txt (one class name a line) or annotate some objects")
     label_of = {n: i for i, n in enumerate(names)}
     splits: dict[str, list[DetectionRecord]] = {}
     difficult = 0
@@ -209,6 +226,10 @@ def read_voc(src: str | os.PathLike, *, on_bad_label: str = "error",
         sizes = iter(image_sizes([str(q) for p, q in zip(parsed_list, paths) if q is not None and p.size is None]))
         records = []
         for p, image in zip(parsed_list, paths):
+            if p.filename and resolve_inside(root / "JPEGImages", p.filename) is None:
+                problems.report(OUTSIDE_ROOT, f"<filename> {p.filename!r} points outside JPEGImages/", p.xml,
+                                fix="give the image's file name only")
+                continue
             if image is None:
                 problems.report(LABEL_WITHOUT_IMAGE, f"no JPEGImages/{p.filename or p.image_id + '.*'}", p.xml,
                                 fix="add the image, or delete the annotation file")
@@ -270,6 +291,22 @@ def annotation_xml(rec: DetectionRecord, names: list[str], filename: str) -> str
     return ET.tostring(ann, encoding="unicode") + "\n"
 
 
+def _without_spaces(names: list[str]) -> list[str]:
+    """ImageSets lists hold one id a line, split at white space: white space in a name becomes '_'
+    (a number is added where that makes two names equal, case-insensitively)."""
+    out, taken = [], {n.lower() for n in names if not any(c.isspace() for c in n)}
+    for name in names:
+        if any(c.isspace() for c in name):
+            stem, ext = os.path.splitext("".join("_" if c.isspace() else c for c in name))
+            candidate, k = stem + ext, 1
+            while candidate.lower() in taken:
+                candidate, k = f"{stem}_{k}{ext}", k + 1
+            taken.add(candidate.lower())
+            name = candidate
+        out.append(name)
+    return out
+
+
 def write_voc(splits: DetectionSplits, dst: str | os.PathLike, *, link: bool = True) -> Path:
     """Write Annotations/, JPEGImages/, ImageSets/Main/<split>.txt and labels.txt into `dst` (new or
     empty), atomically as a whole; image ids are unique across splits. Returns `dst`."""
@@ -279,7 +316,7 @@ def write_voc(splits: DetectionSplits, dst: str | os.PathLike, *, link: bool = T
         for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
             (tmp / sub).mkdir(parents=True)
         pairs = [(split, rec) for split, recs in splits.splits.items() for rec in recs]
-        file_names = unique_names(pairs)
+        file_names = _without_spaces(unique_names(pairs))
         ids: dict[str, list[str]] = {split: [] for split in splits.splits}
         for (split, rec), name in zip(pairs, file_names):
             stem = os.path.splitext(name)[0]

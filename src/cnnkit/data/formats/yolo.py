@@ -50,7 +50,7 @@ def label_path_for(image: Path) -> Path:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
+    return [p for p in config.list_tree(folder) if is_image_file(p)]
 
 
 def _labels_dir_for(folder: Path) -> Path | None:
@@ -69,17 +69,20 @@ def _add_folder(source: _Source, folder: Path) -> None:
         source.label_dirs.append((folder, labels))
 
 
-def _read_list_file(file: Path, error) -> list[Path]:
+def _read_list_file(file: Path, error, root: Path) -> list[Path]:
     try:
         lines = file.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise error(f"cannot read image list {file}: {exc}", fix="give a UTF-8 text file, one image per line")
     out = []
-    for raw in lines:
+    for lineno, raw in enumerate(lines, 1):
         text = raw.strip()
         if text:
-            p = Path(text).expanduser()
-            out.append(p if p.is_absolute() else (file.parent / p).resolve())
+            p = config.resolve_inside(root, file.parent / config.expand_user(text))
+            if p is None:
+                raise DataError(f"{config.OUTSIDE_ROOT}: image {text!r} lies outside the dataset root {root}",
+                                path=str(file), line=lineno, fix=f"list only images inside {root}")
+            out.append(p)
     return out
 
 
@@ -87,7 +90,12 @@ def _names_from_classes_txt(*folders: Path) -> list[str] | None:
     for folder in folders:
         f = folder / "classes.txt"
         if f.is_file():
-            names = [line.strip() for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+            try:
+                text = f.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise DataError(f"cannot read the class names: {' '.join(str(exc).split())}", path=str(f),
+                                fix="save it as UTF-8 text, one class name a line") from None
+            names = [line.strip() for line in text.splitlines() if line.strip()]
             if names:
                 return names
     return None
@@ -109,11 +117,12 @@ def _read_yaml(file: Path) -> tuple[Path, dict[str, _Source], list[str]]:
 
     root = file.parent.resolve()
     if values.get("path") is not None:
-        if not isinstance(values["path"], str):
+        if not isinstance(values["path"], str) or "\0" in values["path"]:
             raise error_at("path")("'path' must be a folder name", fix="write path: <folder>")
-        p = Path(values["path"]).expanduser()
+        p = config.expand_user(values["path"])
         root = p if p.is_absolute() else (file.parent / p).resolve()
-        if not root.is_dir():
+        config.refuse_filesystem_root(root, error_at("path"))
+        if not config.is_dir(root):
             raise error_at("path")(f"'path' folder {root} does not exist",
                                    fix="correct 'path' (relative paths start at the YAML's folder)")
     sources: dict[str, _Source] = {}
@@ -128,13 +137,15 @@ def _read_yaml(file: Path) -> tuple[Path, dict[str, _Source], list[str]]:
             if not isinstance(entry, str):
                 raise make(f"'{key}' must name a folder or a .txt list of images, got {entry!r}",
                            fix=f"write {key}: images/{key}")
-            p = Path(entry).expanduser()
-            p = p if p.is_absolute() else root / p
-            if p.is_dir():
+            p = config.resolve_inside(root, config.expand_user(entry))
+            if p is None:
+                raise make(f"{config.OUTSIDE_ROOT}: '{key}' {entry!r} points outside the dataset root {root}",
+                           fix=f"give a folder inside {root}, or set 'path' to a folder that holds it")
+            if config.is_dir(p):
                 _add_folder(source, p)
-            elif p.is_file() and p.suffix.lower() == ".txt":
-                source.images += _read_list_file(p, make)
-            elif p.is_file():
+            elif config.is_file(p) and p.suffix.lower() == ".txt":
+                source.images += _read_list_file(p, make, root)
+            elif config.is_file(p):
                 raise make(f"'{key}' names {p}, which is neither a folder nor a .txt list of images",
                            fix=f"point '{key}' at the images folder, e.g. images/{key}")
             else:
@@ -152,8 +163,9 @@ def _read_yaml(file: Path) -> tuple[Path, dict[str, _Source], list[str]]:
     if nc is not None and nc != len(names):
         raise error_at("nc")(f"nc is {nc} but 'names' lists {len(names)} classes",
                              fix="make nc match names, or drop nc")
-    if "train" not in sources:
-        raise error_at(None)("no 'train' images named", fix="add 'train: images/train' (relative to 'path')")
+    if not sources:  # a train split is the loader's demand; a val- or test-only file converts fine
+        raise error_at(None)("no 'train', 'val' or 'test' images named",
+                             fix="add 'train: images/train' (relative to 'path')")
     return root, sources, names
 
 
@@ -251,9 +263,9 @@ def read_yolo(src: str | os.PathLike, *, on_bad_label: str = "error") -> Detecti
     """Read a data YAML, or a folder holding one (data.yaml) or images/<split>/ + labels/<split>/."""
     problems = Problems(on_bad_label)
     path = Path(src).expanduser()
-    if path.is_file():
+    if config.is_file(path):
         root, sources, names = _read_yaml(path)
-    elif path.is_dir():
+    elif config.is_dir(path):
         found = _find_yaml(path)
         if found is not None:
             path = found
@@ -272,7 +284,7 @@ def read_yolo(src: str | os.PathLike, *, on_bad_label: str = "error") -> Detecti
         records = []
         for image, (size, reason) in zip(images, sizes):
             if size is None:
-                if not image.exists():
+                if not config.exists(image):
                     problems.report(IMAGE_NOT_FOUND, f"listed for split {split!r} but missing", image,
                                     fix="correct the image list")
                 else:
@@ -281,13 +293,13 @@ def read_yolo(src: str | os.PathLike, *, on_bad_label: str = "error") -> Detecti
             width, height = size
             label = label_path_for(image)
             boxes, classes = [], []
-            if label.is_file():
+            if config.is_file(label):
                 parsed = _parse_labels(label, width, height, len(names), problems)
                 if parsed is None:
                     continue
                 boxes, classes = parsed
             records.append(DetectionRecord(image, width, height, boxes, classes))
-        if images and not any(label_path_for(p).is_file() for p in images):
+        if images and not any(config.is_file(label_path_for(p)) for p in images):
             notes.append(f"split {split!r}: no label files found (looked for {label_path_for(images[0])}, ...); "
                          "every image is a background image")
         wanted = {label_path_for(p) for p in images}
