@@ -8,11 +8,11 @@ import torch
 
 from cnnkit.engine import checkpoint as ck
 from cnnkit.engine.config import TrainConfig
-from cnnkit.engine.finetune import is_frozen_at, set_backbone_frozen, train_mode
+from cnnkit.engine.finetune import freeze_early, is_frozen_at, set_backbone_frozen, train_mode
 from cnnkit.engine.optim import build_optimizer, parameter_groups
 from cnnkit.engine.trainer import fit
 from cnnkit.models import build_model
-from cnnkit.models.backbones import backbone_parameters, head_parameters
+from cnnkit.models.backbones import backbone_parameters, early_layers, head_parameters
 
 
 def _small():
@@ -42,6 +42,57 @@ def test_frozen_backbone_gets_no_gradient_and_keeps_bn_statistics():
     train_mode(model)
     assert all(p.requires_grad for p in model.parameters())
     assert all(m.training for m in model.modules())
+
+
+def _names(model, layers):
+    named = {id(m): n for n, m in model.named_modules()}
+    return [named[id(m)] for m in layers]
+
+
+def test_early_layers_are_those_at_the_given_stride():
+    vgg = _small()  # features: conv0 bn1 relu pool3 | conv4 bn5 relu pool7 | conv8 bn9 relu conv11 bn12 relu pool14 ...
+    assert _names(vgg, early_layers(vgg, 1)) == ["features.0", "features.1"]
+    assert _names(vgg, early_layers(vgg, 2)) == ["features.0", "features.1", "features.4", "features.5"]
+    assert _names(vgg, early_layers(vgg, 4))[-4:] == ["features.8", "features.9", "features.11", "features.12"]
+    resnet = build_model("resnet18", num_classes=3)  # stem at stride 2, layer1 at 4, layer2 at 8
+    assert _names(resnet, early_layers(resnet, 2)) == ["conv1", "bn1"]
+    assert _names(resnet, early_layers(resnet, 4))[-1] == "layer1.1.bn2"
+    assert not any(n.startswith("layer2") for n in _names(resnet, early_layers(resnet, 4)))
+    unet = build_model("unet", num_classes=3, width=0.25)  # a segmenter: only its backbone is searched
+    names = _names(unet, early_layers(unet, 4))
+    assert names[0] == "backbone.body.conv_stem" and all(n.startswith("backbone.") for n in names)
+    assert "backbone.body.blocks.1.1.conv_pwl" in names and not any(".blocks.3." in n for n in names)
+
+
+def test_freeze_early_keeps_the_high_resolution_layers_fixed_all_run():
+    torch.manual_seed(0)
+    model = _small()
+    assert freeze_early(model, 0) == 0
+    n = freeze_early(model, 2)
+    layers = [model.features[i] for i in (0, 1, 4, 5)]  # the convolutions and BatchNorms at strides 1 and 2
+    assert n == sum(len(list(m.parameters(recurse=False))) for m in layers)
+    early = {id(p) for m in early_layers(model, 2) for p in m.parameters(recurse=False)}
+    assert len(early) == n
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = build_optimizer(parameter_groups(model, 5e-4, 0.1), "sgd", 0.1, 0.9)
+    for _ in range(2):
+        train_mode(model)
+        loss = torch.nn.functional.cross_entropy(model(torch.randn(8, 3, 32, 32) * 3 + 1), torch.randint(0, 4, (8,)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = model.state_dict()
+    for k in before:
+        layer = k.rsplit(".", 1)[0]
+        if layer in ("features.0", "features.1", "features.4", "features.5"):
+            assert torch.equal(before[k], after[k]), k  # weights and BatchNorm statistics alike
+        elif k.endswith(("weight", "running_mean")) and not k.startswith("features.0"):
+            assert not torch.equal(before[k], after[k]), k
+    set_backbone_frozen(model, True)
+    set_backbone_frozen(model, False)  # --unfreeze-at trains the backbone again, never the early layers
+    assert sum(not p.requires_grad for p in model.parameters()) == n
+    train_mode(model)
+    assert not model.features[1].training and model.features[9].training
 
 
 def test_backbone_and_head_partition_the_parameters():

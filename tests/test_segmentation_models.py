@@ -33,6 +33,8 @@ VARIANTS = [
     ("unet-lite0-transposed", "unet", dict(width=0.25, upsample="transposed")),
     ("unet-vgg11-transposed", "unet", dict(backbone="vgg11", width=0.125, upsample="transposed")),
     ("unet-alexnet-transposed", "unet", dict(backbone="alexnet", width=0.125, upsample="transposed")),
+    ("unet-lite0-stride4", "unet", dict(width=0.25, output_stride=4)),
+    ("unet-vgg11-stride2", "unet", dict(backbone="vgg11", width=0.125, output_stride=2)),
 ]
 SIZES = [(64, 64), (65, 65), (97, 80)]
 _BUILT: dict[str, nn.Module] = {}
@@ -217,6 +219,26 @@ def test_unet_blocks_and_upsampling_kinds():
             assert all(getattr(u, "mode", None) == kind for u in ups)
     assert len(built("unet-alexnet-transposed").decoder) == 4  # AlexNet: strides 4 .. 32
     assert built("unet-alexnet-transposed").decoder[-1].up.stride == (4, 4)
+
+
+def test_unet_output_stride_stops_the_decoder_and_upsamples_the_scores():
+    full, coarse = built("unet-lite0-bilinear"), built("unet-lite0-stride4")
+    assert len(coarse.decoder) == 3  # strides 32 -> 16 -> 8 -> 4, then the scores x4 bilinear
+    assert coarse.head.in_channels == coarse.decoder_channels[-1] == full.decoder_channels[2]
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        maps = coarse.backbone(x)[coarse.first_level:]
+        y = maps[-1]
+        for i, block in enumerate(coarse.decoder):
+            y = block(y, maps[len(maps) - 2 - i])
+        scores = coarse.head(y)
+        assert scores.shape[-2:] == (24, 24)
+        torch.testing.assert_close(coarse(x), F.interpolate(scores, size=(96, 96), mode="bilinear"))
+    assert len(built("unet-vgg11-stride2").decoder) == 4
+    with pytest.raises(ModelError, match="output_stride"):
+        build_model("unet", num_classes=3, output_stride=8)
+    with pytest.raises(ModelError, match="no stride-2 map"):
+        build_model("unet", backbone="alexnet", num_classes=3, width=0.125, output_stride=2)
 
 
 @pytest.fixture

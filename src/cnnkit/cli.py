@@ -32,6 +32,36 @@ def _fmt():
     return lambda prog: _HelpFormatter(prog, max_help_position=32)
 
 
+def _number(kind, low=None, high=None, *, low_open=False, high_open=False):
+    """An argparse type: an int / finite float within [low, high] (an open end excludes the bound);
+    a value outside becomes argparse's one-line usage error naming the flag."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+            hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: must be {' and '.join(x for x in (lo, hi) if x)}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+POSITIVE_INT = _number(int, 1)
+COUNT = _number(int, 0)
+IMG_SIZE = _number(int, 1, 8192)
+POSITIVE = _number(float, 0, low_open=True)
+NON_NEGATIVE = _number(float, 0)
+FRACTION = _number(float, 0, 1, high_open=True)
+PROBABILITY = _number(float, 0, 1)
+
+
 def parse_input_shape(text: str) -> tuple[int, int, int]:
     """'3x224x224' -> (3, 224, 224); '224' -> (3, 224, 224); '1x28x28' -> (1, 28, 28)."""
     m = re.fullmatch(r"\s*(?:(\d+)\s*[xX,]\s*)?(\d+)(?:\s*[xX,]\s*(\d+))?\s*", text)
@@ -48,7 +78,7 @@ def parse_input_shape(text: str) -> tuple[int, int, int]:
 
 def _model_kwargs(args) -> dict:
     kw = {}
-    for key in ("width", "pool_size", "dropout", "backbone", "upsample"):
+    for key in ("width", "pool_size", "dropout", "backbone", "upsample", "output_stride"):
         v = getattr(args, key, None)
         if v is not None:
             kw[key] = v
@@ -80,16 +110,20 @@ def _add_train_flags(p: argparse.ArgumentParser, defaults) -> None:
     p.add_argument("--model", default=None, help="registered model name, see `cnnkit models` "
                    f"(default: {defaults.model}, width 0.5)")
     p.add_argument("--data", default=defaults.data, help="built-in name, image folder, or data YAML")
-    p.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the training data")
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per optimizer step")
-    p.add_argument("--img-size", type=int, default=defaults.img_size, help="input height = width")
-    p.add_argument("--width", type=float, default=None, help="channel width multiplier (default: the model's own; 0.5 for the classify default)")
-    p.add_argument("--pool-size", type=int, default=None, help="adaptive pool size before the classifier (default: the model's own; 1 for the classify default)")
-    p.add_argument("--dropout", type=float, default=None, help="classifier dropout (default: the model's own; 0.2 for the classify default)")
+    p.add_argument("--epochs", type=POSITIVE_INT, default=defaults.epochs, help="passes over the training data")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=defaults.batch_size, help="images per optimizer step; "
+                   "under torchrun the global batch, split evenly over the processes")
+    p.add_argument("--img-size", type=IMG_SIZE, default=defaults.img_size, help="input height = width")
+    p.add_argument("--width", type=POSITIVE, default=None, help="channel width multiplier (default: the model's own; 0.5 for the classify default)")
+    p.add_argument("--pool-size", type=POSITIVE_INT, default=None, help="adaptive pool size before the classifier (default: the model's own; 1 for the classify default)")
+    p.add_argument("--dropout", type=PROBABILITY, default=None, help="classifier dropout (default: the model's own; 0.2 for the classify default)")
     p.add_argument("--backbone", default=None, help="yolo / unet: the registry backbone under the head (default: the model's own)")
     if defaults.task == "segment":
         p.add_argument("--upsample", choices=("transposed", "nearest", "bilinear"), default=None,
                        help="unet: how the decoder upsamples (default: the model's own)")
+        p.add_argument("--output-stride", type=int, choices=(1, 2, 4), default=None,
+                       help="unet: stride at which the decoder stops and the class scores are bilinearly "
+                       "upsampled to the image (1 = full-resolution decoder; default: the task's)")
         p.add_argument("--class-weights", default=defaults.class_weights, help="cross-entropy class weights: "
                        "empty (none), median-frequency, or one number per class, comma-separated")
     p.add_argument("--weights", default=None, help=f"(default: {defaults.weights or 'none'} with the default model, "
@@ -98,26 +132,30 @@ def _add_train_flags(p: argparse.ArgumentParser, defaults) -> None:
                    ".pt/.pth/.safetensors file; none = random initialisation")
     p.add_argument("--download", action="store_true", help="allow downloading torchvision weights into TORCH_HOME")
     p.add_argument("--freeze-backbone", action="store_true", help="train only the head; the backbone's BatchNorm stays in eval mode")
-    p.add_argument("--unfreeze-at", type=int, default=defaults.unfreeze_at, help="1-based epoch at which a frozen backbone starts training (0 = never)")
-    p.add_argument("--backbone-lr-scale", type=float, default=defaults.backbone_lr_scale, help="backbone learning rate = lr x this")
+    p.add_argument("--unfreeze-at", type=COUNT, default=defaults.unfreeze_at, help="1-based epoch at which a frozen backbone starts training (0 = never)")
+    p.add_argument("--freeze-early", type=int, choices=(0, 2, 4, 8, 16), default=defaults.freeze_early,
+                   metavar="STRIDE", help="keep the backbone layers that run at stride <= STRIDE frozen for the "
+                   "whole run (ImageNet's low-level features; no backward through the high-resolution layers, so "
+                   "faster); 0 = train every layer")
+    p.add_argument("--backbone-lr-scale", type=NON_NEGATIVE, default=defaults.backbone_lr_scale, help="backbone learning rate = lr x this")
     p.add_argument("--optimizer", choices=("sgd", "adamw"), default=defaults.optimizer, help="optimizer")
-    p.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (after warm-up)")
-    p.add_argument("--momentum", type=float, default=defaults.momentum, help="SGD momentum (AdamW beta1)")
-    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="L2 penalty, not on biases and norms")
+    p.add_argument("--lr", type=POSITIVE, default=defaults.lr, help="peak learning rate (after warm-up)")
+    p.add_argument("--momentum", type=FRACTION, default=defaults.momentum, help="SGD momentum (AdamW beta1)")
+    p.add_argument("--weight-decay", type=NON_NEGATIVE, default=defaults.weight_decay, help="L2 penalty, not on biases and norms")
     p.add_argument("--schedule", choices=("cosine", "step", "constant"), default=defaults.schedule, help="learning-rate schedule after warm-up")
-    p.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs, help="linear warm-up length")
-    p.add_argument("--steps", type=int, nargs="*", default=[], help="epochs at which --schedule step multiplies the lr by gamma (default: about 55%% and 80%% of --epochs)")
-    p.add_argument("--gamma", type=float, default=defaults.gamma, help="step schedule factor")
-    p.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing, help="cross-entropy label smoothing")
+    p.add_argument("--warmup-epochs", type=NON_NEGATIVE, default=defaults.warmup_epochs, help="linear warm-up length")
+    p.add_argument("--steps", type=POSITIVE_INT, nargs="*", default=[], help="epochs at which --schedule step multiplies the lr by gamma (default: about 55%% and 80%% of --epochs)")
+    p.add_argument("--gamma", type=POSITIVE, default=defaults.gamma, help="step schedule factor")
+    p.add_argument("--label-smoothing", type=FRACTION, default=defaults.label_smoothing, help="cross-entropy label smoothing")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=defaults.ema,
                    help="evaluate and save an exponential moving average of the weights")
-    p.add_argument("--ema-decay", type=float, default=defaults.ema_decay, help="EMA decay per step")
-    p.add_argument("--clip-grad", type=float, default=defaults.clip_grad, help="max gradient norm (0 = off)")
+    p.add_argument("--ema-decay", type=FRACTION, default=defaults.ema_decay, help="EMA decay per step")
+    p.add_argument("--clip-grad", type=NON_NEGATIVE, default=defaults.clip_grad, help="max gradient norm (0 = off)")
     p.add_argument("--no-augment", action="store_true", help="train without data augmentation")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=defaults.precision, help="auto: bf16 where the device supports it")
     p.add_argument("--channels-last", choices=("auto", "on", "off"), default=defaults.channels_last, help="memory format (auto: on with bf16 or CUDA)")
     p.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--workers", type=int, default=defaults.workers, help="DataLoader workers (-1 = automatic)")
+    p.add_argument("--workers", type=_number(int, -1), default=defaults.workers, help="DataLoader workers (-1 = automatic)")
     p.add_argument("--seed", type=int, default=defaults.seed, help="random seed")
     p.add_argument("--project", default=defaults.project, help="folder that holds the runs")
     p.add_argument("--name", default=defaults.name, help="run name: runs/<task>/<name> (numbered when it exists)")
@@ -126,9 +164,11 @@ def _add_train_flags(p: argparse.ArgumentParser, defaults) -> None:
     p.add_argument("--on-bad-label", choices=("error", "skip"), default=defaults.on_bad_label,
                    help="detection: what a malformed label line or box does (skip: the box is left out and counted)")
     p.add_argument("--on-bad-image", choices=("error", "skip"), default=defaults.on_bad_image, help="what a corrupt image does")
-    p.add_argument("--train-subset", type=int, default=0, help="train on a stratified subset of this many images (0 = all)")
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0 = no limit)")
+    p.add_argument("--train-subset", type=COUNT, default=0, help="train on a stratified subset of this many images (0 = all)")
+    p.add_argument("--max-steps", type=COUNT, default=0, help="stop after this many optimizer steps (0 = no limit)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch only)")
+    p.add_argument("--sync-bn", action="store_true", help="under torchrun on GPUs: BatchNorm statistics over the "
+                   "global batch (nn.SyncBatchNorm; torch supports it on CUDA only)")
 
 
 # Per task: the default model and the training settings that differ from TrainConfig's.
@@ -138,15 +178,15 @@ TASK_DEFAULTS = {
     # measured on the 4,000 built-in scenes (BENCHMARKS.md); the paper's SGD recipe (momentum 0.9, wd 5e-4)
     # reached at best AP50 0.42 against AdamW's 0.68 in the same 16 epochs of the 2,000-scene set
     "detect": dict(model="yolo", model_kwargs={"backbone": "efficientnet_lite0", "width": 0.5},
-                   config={"data": "scenes", "img_size": 160, "batch_size": 32, "epochs": 9, "lr": 0.002,
+                   config={"data": "scenes", "img_size": 160, "batch_size": 32, "epochs": 12, "lr": 0.002,
                            "optimizer": "adamw", "weight_decay": 0.05, "clip_grad": 10.0, "warmup_epochs": 0.5,
-                           "ema": True, "ema_decay": 0.995, "weights": "imagenet"}),
+                           "ema": True, "ema_decay": 0.995, "weights": "imagenet", "freeze_early": 4}),
     # U-Net on the offline ImageNet EfficientNet-Lite0; full-width decoder (width 0.5 learned far slower: mIoU 0.12
     # against 0.45 after 10-12 epochs on 2,000 scenes, BENCHMARKS.md)
-    "segment": dict(model="unet", model_kwargs={"backbone": "efficientnet_lite0", "width": 1.0},
-                    config={"data": "scenes-seg", "img_size": 160, "batch_size": 16, "epochs": 5, "lr": 0.002,
+    "segment": dict(model="unet", model_kwargs={"backbone": "efficientnet_lite0", "width": 1.0, "output_stride": 4},
+                    config={"data": "scenes-seg", "img_size": 160, "batch_size": 16, "epochs": 8, "lr": 0.002,
                             "optimizer": "adamw", "weight_decay": 0.05, "clip_grad": 10.0, "warmup_epochs": 1.0,
-                            "weights": "imagenet"}),
+                            "weights": "imagenet", "freeze_early": 4}),
 }
 
 
@@ -171,8 +211,9 @@ def config_from_args(task: str, args):
                       name=args.name, exist_ok=args.exist_ok, on_bad_image=args.on_bad_image,
                       on_bad_label=args.on_bad_label, class_weights=getattr(args, "class_weights", "") or "",
                       max_steps=args.max_steps, train_subset=args.train_subset, weights=weights, download=args.download,
-                      freeze_backbone=args.freeze_backbone, unfreeze_at=args.unfreeze_at,
-                      backbone_lr_scale=args.backbone_lr_scale, progress=not args.no_progress and sys.stderr.isatty())
+                      freeze_backbone=args.freeze_backbone, unfreeze_at=args.unfreeze_at, freeze_early=args.freeze_early,
+                      backbone_lr_scale=args.backbone_lr_scale, progress=not args.no_progress and sys.stderr.isatty(),
+                      sync_bn=args.sync_bn)
     return cfg, explicit_model
 
 
@@ -182,7 +223,10 @@ def cmd_train(args) -> int:
     cfg, explicit = config_from_args(args.task, args)
     result = fit(cfg, resume=args.resume, explicit_model=explicit,
                  extend_epochs=args.epochs if args.resume and args.epochs_given else None)
-    print(f"results in {result.run_dir} (best {cfg.task} fitness {result.best_fitness:.4f})")
+    from cnnkit.engine.distributed import is_main
+
+    if is_main():  # under torchrun only rank 0 speaks
+        print(f"results in {result.run_dir} (best {cfg.task} fitness {result.best_fitness:.4f})")
     return 0
 
 
@@ -228,6 +272,26 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from cnnkit.engine.export import export
+
+    r = export(args.weights, format=args.format, out=args.out, img_size=args.img_size, opset=args.opset,
+               batch_size=args.batch_size, with_nms=args.with_nms, conf_threshold=args.conf_threshold,
+               iou_threshold=args.iou_threshold, max_det=args.max_det, check=args.check)
+    for label, diff in r.checks:
+        print(f"checked against PyTorch: {label}: max abs difference {diff:.2e}")
+    print(f"{r.metadata['task']} model exported to {r.path} ({r.format}; outputs: {'; '.join(r.metadata['outputs'])})")
+    return 0
+
+
+def cmd_data_check(args) -> int:
+    from cnnkit.data.check import check_dataset
+
+    report = check_dataset(args.data, args.task, decode=not args.fast)
+    print(report.format())
+    return report.exit_code
+
+
 def cmd_data_convert(args) -> int:
     from cnnkit.data.convert import convert
 
@@ -247,6 +311,26 @@ def cmd_weights_list(args) -> int:
     from cnnkit.models.weights import format_weights_table
 
     print(format_weights_table())
+    return 0
+
+
+def cmd_report(args) -> int:
+    from cnnkit.report import default_report_path, write_report
+
+    out = Path(args.out) if args.out else default_report_path(args.run_dirs)
+    print(f"report written to {write_report(args.run_dirs, out, gallery=args.gallery, device=args.device)}")
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from cnnkit.explain import explain
+
+    result = explain(args.topic, args.model, out=args.out, seed=args.seed, input_size=args.input,
+                     kernel=args.kernel, stride=args.stride, padding=args.padding,
+                     output_padding=args.output_padding, activation=args.activation, at=args.at,
+                     in_channels=args.in_channels, out_channels=args.out_channels, layer=args.layer)
+    print(result.text())
+    print(f"picture written to {result.png}")
     return 0
 
 
@@ -273,9 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=_fmt())
     s.add_argument("model")
     s.add_argument("--input", default="3x224x224", help="input shape CxHxW")
-    s.add_argument("--width", type=float, default=None, help="channel width multiplier")
-    s.add_argument("--pool-size", type=int, default=None, help="adaptive pool size before the classifier")
-    s.add_argument("--num-classes", type=int, default=None, help="classes (default: the model's own: 1000 for "
+    s.add_argument("--width", type=POSITIVE, default=None, help="channel width multiplier")
+    s.add_argument("--pool-size", type=POSITIVE_INT, default=None, help="adaptive pool size before the classifier")
+    s.add_argument("--num-classes", type=POSITIVE_INT, default=None, help="classes (default: the model's own: 1000 for "
                    "classifiers, 20 for YOLO, 21 for segmentation nets)")
     s.set_defaults(func=cmd_info)
 
@@ -289,27 +373,45 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("val", help="evaluate a checkpoint", formatter_class=_fmt())
     s.add_argument("--weights", required=True, help="a best.pt / last.pt written by `cnnkit train`")
     s.add_argument("--data", default=None, help="data to evaluate on (default: the run's own validation split)")
-    s.add_argument("--batch-size", type=int, default=128, help="images per batch")
+    s.add_argument("--batch-size", type=POSITIVE_INT, default=128, help="images per batch")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     s.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto", help="auto: bf16 where supported")
-    s.add_argument("--workers", type=int, default=-1, help="DataLoader workers (-1 = automatic)")
+    s.add_argument("--workers", type=_number(int, -1), default=-1, help="DataLoader workers (-1 = automatic)")
     s.add_argument("--out", default=None, help="folder for the pictures (default: <run>/val)")
     s.set_defaults(func=cmd_val)
 
     s = sub.add_parser("predict", help="predict images or folders with a checkpoint", formatter_class=_fmt())
     s.add_argument("sources", nargs="+", metavar="IMAGES_OR_FOLDERS")
-    s.add_argument("--weights", required=True, help="a best.pt / last.pt written by `cnnkit train`; with --model, "
+    s.add_argument("--weights", required=True, help="a best.pt / last.pt written by `cnnkit train`, or the .onnx "
+                   "`cnnkit export` wrote (run by onnxruntime); with --model, "
                    "pretrained weights (imagenet, a torchvision weight name, or a file)")
     s.add_argument("--model", default=None, help="predict with this registry model and --weights instead of a checkpoint")
     s.add_argument("--download", action="store_true", help="allow downloading torchvision weights")
-    s.add_argument("--top-k", type=int, default=5, help="classify: classes listed per image")
-    s.add_argument("--conf-threshold", type=float, default=0.25, help="detect: lowest class-specific confidence kept")
-    s.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    s.add_argument("--top-k", type=POSITIVE_INT, default=5, help="classify: classes listed per image")
+    s.add_argument("--conf-threshold", type=PROBABILITY, default=0.25, help="detect: lowest class-specific confidence kept")
+    s.add_argument("--batch-size", type=POSITIVE_INT, default=64, help="images per batch")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     s.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto", help="auto: bf16 where supported")
     s.add_argument("--out", default=None, help="output folder (default runs/<task>/predict)")
-    s.add_argument("--show", type=int, default=20, help="print this many results")
+    s.add_argument("--show", type=COUNT, default=20, help="print this many results")
     s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript, checked against PyTorch",
+                       formatter_class=_fmt())
+    s.add_argument("--weights", required=True, help="a best.pt / last.pt written by `cnnkit train`")
+    s.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="file format")
+    s.add_argument("--out", default=None, help="output file (default: beside --weights, same stem, .onnx / .ts)")
+    s.add_argument("--img-size", type=int, default=None, help="input height = width (default: the checkpoint's)")
+    s.add_argument("--opset", type=int, default=17, help="ONNX opset version")
+    s.add_argument("--batch-size", type=int, default=1, help="batch of the example input (the ONNX batch is dynamic)")
+    s.add_argument("--with-nms", action="store_true", help="detect: put decoding, thresholding and NMS in the graph; "
+                   "outputs detections [N, max-det, 6] (x1, y1, x2, y2, score, class) and count [N]")
+    s.add_argument("--conf-threshold", type=float, default=0.25, help="detect --with-nms: lowest class-specific confidence kept")
+    s.add_argument("--iou-threshold", type=float, default=0.5, help="detect --with-nms: NMS IoU threshold")
+    s.add_argument("--max-det", type=int, default=100, help="detect --with-nms: detections per image")
+    s.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the file on random and real images at two batch sizes and require PyTorch's outputs within 1e-4")
+    s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("data", help="dataset tools: convert between formats, generate the scene data",
                        formatter_class=_fmt())
@@ -321,12 +423,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--to", required=True, choices=("yolo", "coco", "voc"), help="output format")
     d.add_argument("--on-bad-label", choices=("error", "skip"), default="error", help="what a malformed label does")
     d.set_defaults(func=cmd_data_convert)
+    d = dsub.add_parser("check", help="check a dataset before training: counts per split and class, every problem "
+                        "grouped by kind (exit 0 clean, 1 only skippable problems, 2 fatal ones)", formatter_class=_fmt())
+    d.add_argument("data", help="what `cnnkit train TASK --data` takes: a built-in name, folder or data YAML")
+    d.add_argument("--task", required=True, choices=("classify", "detect", "segment"), help="the task it is for")
+    d.add_argument("--fast", action="store_true", help="read labels and file headers only, decode no image")
+    d.set_defaults(func=cmd_data_check)
     d = dsub.add_parser("scenes", help="generate detection/segmentation scenes: Fashion-MNIST items on real "
                         "backgrounds, as YOLO txt + COCO JSON + index masks", formatter_class=_fmt())
     d.add_argument("out", help="output folder")
-    d.add_argument("--n-train", type=int, default=4000, help="training scenes")
-    d.add_argument("--n-val", type=int, default=300, help="validation scenes")
-    d.add_argument("--img-size", type=int, default=160, help="scene height = width")
+    d.add_argument("--n-train", type=POSITIVE_INT, default=4000, help="training scenes")
+    d.add_argument("--n-val", type=COUNT, default=300, help="validation scenes")
+    d.add_argument("--img-size", type=_number(int, 28, 8192), default=160, help="scene height = width")
     d.add_argument("--seed", type=int, default=0, help="same seed, same files")
     d.set_defaults(func=cmd_data_scenes)
 
@@ -336,10 +444,47 @@ def build_parser() -> argparse.ArgumentParser:
     w = wsub.add_parser("list", help="list every known weight and where it comes from", formatter_class=_fmt())
     w.set_defaults(func=cmd_weights_list)
 
+    s = sub.add_parser("report", help="one self-contained HTML page of one or more runs: config, metrics, curves, "
+                       "confusion matrix / PR curves, best and worst validation predictions", formatter_class=_fmt())
+    s.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="runs/<task>/<name> folders")
+    s.add_argument("--out", default=None, help="the HTML file (default: RUN_DIR/report.html for one run, "
+                   "./report.html for several)")
+    s.add_argument("--gallery", type=int, default=8, help="best and worst validation images shown per run (0 = none)")
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    s.set_defaults(func=cmd_report)
+
     s = sub.add_parser("demo", help="train, evaluate and draw each task on the embedded data", formatter_class=_fmt())
     s.add_argument("--task", choices=("all", "classify", "detect", "segment"), default="all", help="which demo runs")
     s.add_argument("--quick", action="store_true", help="a smoke run (one epoch; two steps for detect/segment)")
     s.set_defaults(func=cmd_demo)
+
+    from cnnkit.explain import DEFAULT_OUT, TOPICS, topic_defaults
+
+    s = sub.add_parser("explain", help="the chapter's figures, computed with cnnkit.ops: text here and a PNG",
+                       formatter_class=_fmt())
+    s.add_argument("topic", choices=TOPICS)
+    s.add_argument("model", nargs="?", default=None, help="receptive-field: a registered model (see `cnnkit models`)")
+    s.add_argument("--input", type=int, default=None, help=f"input side (default: {topic_defaults('input_size')}; "
+                   "auto = the model's image size)")
+    s.add_argument("--kernel", type=int, default=None, help=f"kernel side (default: {topic_defaults('kernel')})")
+    s.add_argument("--stride", type=int, default=None, help=f"stride; upsample: the factor (default: "
+                   f"{topic_defaults('stride')}; auto = the kernel)")
+    s.add_argument("--padding", type=int, default=None, help=f"zero padding (default: {topic_defaults('padding')})")
+    s.add_argument("--output-padding", type=int, default=None,
+                   help=f"extra bottom/right rows (default: {topic_defaults('output_padding')})")
+    s.add_argument("--activation", default=None, help="relu, leaky_relu, sigmoid, tanh or identity "
+                   f"(default: {topic_defaults('activation')})")
+    s.add_argument("--at", default=None, metavar="ROW,COL", help="output pixel whose sum is spelled out "
+                   "(default: the centre)")
+    s.add_argument("--in-channels", type=int, default=None,
+                   help=f"input channels (default: {topic_defaults('in_channels')})")
+    s.add_argument("--out-channels", type=int, default=None,
+                   help=f"output channels (default: {topic_defaults('out_channels')})")
+    s.add_argument("--layer", default=None, help="receptive-field: the layer whose unit is drawn "
+                   "(default: the last with a fixed window)")
+    s.add_argument("--out", default=DEFAULT_OUT, help="folder for the PNG")
+    s.add_argument("--seed", type=int, default=0, help="seed of the random integer inputs")
+    s.set_defaults(func=cmd_explain)
     return p
 
 
@@ -350,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         args.epochs_given = "--epochs" in argv or any(a.startswith("--epochs=") for a in argv)
         return int(args.func(args) or 0)
     except CnnkitError as exc:
-        print(f"cnnkit: error: {exc}", file=sys.stderr)
+        print("cnnkit: error: " + " ".join(str(exc).split()), file=sys.stderr)  # always one line
         return exc.exit_code
     except KeyboardInterrupt:
         print("cnnkit: interrupted (the last finished epoch is in weights/last.pt; use --resume)", file=sys.stderr)

@@ -28,11 +28,11 @@ DEMO_TASKS = ("classify", "detect", "segment")
 
 
 def run_demo(quick: bool = False, tasks=DEMO_TASKS) -> int:
-    for task in tasks:
-        if task == "classify":
-            _classify(quick)
-        else:
-            _scenes_task(quick, task)
+    from cnnkit.report import write_report
+
+    run_dirs = [_classify(quick) if task == "classify" else _scenes_task(quick, task) for task in tasks]
+    print()
+    print(f"demo report (every run on one page): {write_report(run_dirs, Path('runs') / 'demo_report.html')}")
     return 0
 
 
@@ -49,7 +49,7 @@ def task_demo_config(task: str, quick: bool = False):
     return cfg
 
 
-def _scenes_task(quick: bool, task: str) -> None:
+def _scenes_task(quick: bool, task: str) -> Path:
     from cnnkit.engine.inference import load_trained, validate
     from cnnkit.engine.trainer import fit
 
@@ -75,9 +75,10 @@ def _scenes_task(quick: bool, task: str) -> None:
     else:
         print(f"      held-out 300 scenes: mIoU {metrics['mIoU']:.3f}, pixel accuracy {metrics['pixel_accuracy']:.3f}")
         print(f"      {result.run_dir}/confusion_matrix.png, val_predictions.png, predict/overlays/")
+    return result.run_dir
 
 
-def _classify(quick: bool) -> None:
+def _classify(quick: bool) -> Path:
     from cnnkit.engine.inference import validate
     from cnnkit.engine.trainer import fit
 
@@ -97,6 +98,7 @@ def _classify(quick: bool) -> None:
           f"8,000 Fashion-MNIST images in {minutes:.1f} min")
     print(f"      held-out 2,000 images: top-1 {metrics['top1']:.2%}, top-5 {metrics['top5']:.2%}")
     print(f"      {result.run_dir}/metrics.csv, results.png, confusion_matrix.png, predict/predictions.png")
+    return result.run_dir
 
 
 def _write_samples(folder: Path, data: str, n: int) -> Path:

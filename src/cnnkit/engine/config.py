@@ -16,10 +16,11 @@ class TrainConfig:
     download: bool = False  # allow downloading torchvision weights
     freeze_backbone: bool = False
     unfreeze_at: int = 0  # 1-based epoch at which a frozen backbone trains again (0 = never)
+    freeze_early: int = 0  # keep the backbone layers at stride <= this frozen all run (0 = none)
     backbone_lr_scale: float = 1.0
     data: str = "fashion-mnist"
     epochs: int = 10
-    batch_size: int = 64
+    batch_size: int = 64  # global: split evenly over the processes under torchrun
     img_size: int = 32
     optimizer: str = "sgd"
     lr: float = 0.05
@@ -47,6 +48,7 @@ class TrainConfig:
     class_weights: str = ""  # segment: "", "median-frequency" or one number per class, comma-separated
     train_subset: int = 0  # train on a stratified subset of this many images (0 = all)
     max_steps: int = 0  # stop after this many optimizer steps in total (0 = no limit); for tests and benchmarks
+    sync_bn: bool = False  # torchrun on GPUs: BatchNorm statistics over the global batch (nn.SyncBatchNorm)
     plots: bool = True
     progress: bool = True
 

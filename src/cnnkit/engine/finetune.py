@@ -26,7 +26,8 @@ def set_backbone_frozen(model: nn.Module, frozen: bool) -> int:
 
     While frozen, the backbone's normalisation layers are listed in `model.cnnkit_frozen_norms` and
     `train_mode` keeps them in eval mode, so their running statistics do not move either."""
-    params = backbone_parameters(model)
+    early = {id(p) for m in getattr(model, "cnnkit_early_frozen", ()) for p in m.parameters(recurse=False)}
+    params = [p for p in backbone_parameters(model) if id(p) not in early]
     ids = {id(p) for p in params}
     changed = 0
     for p in params:
@@ -42,8 +43,32 @@ def set_backbone_frozen(model: nn.Module, frozen: bool) -> int:
     return changed
 
 
+def freeze_early(model: nn.Module, max_stride: int) -> int:
+    """Keep the backbone layers that run at stride <= `max_stride` frozen for the whole run (their
+    normalisation layers in eval mode), as detectron2's FREEZE_AT does: the ImageNet low-level features
+    stay as they are and no gradient is computed for the high-resolution layers, the most expensive
+    ones to back-propagate through. Returns the number of parameter tensors frozen (0 for max_stride 0).
+    `--unfreeze-at` never trains these layers."""
+    from cnnkit.models.backbones import early_layers
+
+    if max_stride <= 0:
+        return 0
+    layers = early_layers(model, max_stride)
+    n = 0
+    for m in layers:
+        for p in m.parameters(recurse=False):
+            p.requires_grad_(False)
+            n += 1
+    model.cnnkit_early_frozen = layers  # type: ignore[attr-defined]
+    return n
+
+
 def train_mode(model: nn.Module) -> None:
-    """model.train(), except the normalisation layers of a frozen backbone, which stay in eval mode."""
+    """model.train(), except the normalisation layers of a frozen backbone and of the early layers kept
+    frozen (`freeze_early`), which stay in eval mode."""
     model.train()
     for m in getattr(model, "cnnkit_frozen_norms", ()):
         m.eval()
+    for m in getattr(model, "cnnkit_early_frozen", ()):
+        if isinstance(m, nn.modules.batchnorm._NormBase):
+            m.eval()

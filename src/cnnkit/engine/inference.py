@@ -30,10 +30,15 @@ class Trained:
 
 
 def load_trained(weights: str | Path, *, device: str = "auto", precision: str = "auto") -> Trained:
-    """Rebuild the model a cnnkit checkpoint describes and load its (EMA, if any) weights."""
+    """Rebuild the model a cnnkit checkpoint describes and load its (EMA, if any) weights.
+    An .onnx file written by `cnnkit export` runs through onnxruntime (fp32; `precision` unused)."""
     from cnnkit.models import build_model
     from cnnkit.tasks import get_task
 
+    if Path(weights).suffix.lower() == ".onnx":
+        from cnnkit.engine.onnx_backend import load_onnx
+
+        return load_onnx(weights, device=device)
     ckpt = ck.load_checkpoint(weights)
     for key in ("task", "model", "state_dict", "names"):
         if key not in ckpt:

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from cnnkit.engine import distributed as dist
 from cnnkit.errors import CnnkitError
 from cnnkit.engine.device import Precision
 from cnnkit.engine.finetune import train_mode
@@ -32,7 +33,11 @@ def train_one_epoch(model: nn.Module, task, loader, optimizer: torch.optim.Optim
                     scaler: torch.amp.GradScaler | None = None, ema: ModelEMA | None = None,
                     clip_grad: float = 0.0, max_steps: int = 0, epoch: int = 0, epochs: int = 1,
                     progress: bool = True, on_step=None) -> dict[str, Any]:
-    """Train for one epoch (or until `max_steps` steps); returns mean loss, its parts and images/s."""
+    """Train for one epoch (or until `max_steps` steps); returns mean loss, its parts and images/s.
+
+    Under torchrun `model` is the DDP-wrapped model and `loader` reads this process's share of each
+    global batch; the loss and its parts are averaged over the processes (one all-reduce a step), so
+    every process logs, and checks for divergence, the loss of the global batch."""
     train_mode(model)
     totals: dict[str, float] = {}
     seen = steps = 0
@@ -44,8 +49,10 @@ def train_one_epoch(model: nn.Module, task, loader, optimizer: torch.optim.Optim
         targets = task.move_targets(targets, device)
         with precision.autocast():
             loss, parts = task.loss(model, images, targets)
-        if not math.isfinite(loss.item()):
-            raise DivergedError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {steps + 1}",
+        loss_value, *values = dist.average([loss.item(), *parts.values()], device)
+        parts = dict(zip(parts, values))
+        if not math.isfinite(loss_value):
+            raise DivergedError(f"the loss became {loss_value} at epoch {epoch + 1}, step {steps + 1}",
                                 fix="lower --lr, raise --warmup-epochs, or set --clip-grad 10")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -62,13 +69,13 @@ def train_one_epoch(model: nn.Module, task, loader, optimizer: torch.optim.Optim
             optimizer.step()
         scheduler.step()
         if ema is not None:
-            ema.update(model)
-        n = images.shape[0]
+            ema.update(dist.unwrap(model))
+        n = images.shape[0] * dist.world_size()
         if on_step is not None:
-            on_step(epoch, steps, loss.item())
+            on_step(epoch, steps, loss_value)
         seen += n
         steps += 1
-        for k, v in {"loss": loss.item(), **parts}.items():
+        for k, v in {"loss": loss_value, **parts}.items():
             totals[k] = totals.get(k, 0.0) + float(v) * n
         if progress:
             rate = seen / max(1e-9, time.perf_counter() - start)

@@ -20,8 +20,9 @@ from torch.utils.data import DataLoader
 
 import cnnkit
 from cnnkit.engine import checkpoint as ck
+from cnnkit.engine import distributed as dist
 from cnnkit.engine.config import TrainConfig
-from cnnkit.engine.finetune import backbone_parameters, is_frozen_at, set_backbone_frozen
+from cnnkit.engine.finetune import backbone_parameters, freeze_early, is_frozen_at, set_backbone_frozen
 from cnnkit.engine.device import auto_workers, fp32_depthwise, resolve_device, resolve_precision, use_channels_last
 from cnnkit.engine.loop import evaluate, train_one_epoch
 from cnnkit.engine.optim import ModelEMA, build_optimizer, build_scheduler, parameter_groups
@@ -55,11 +56,13 @@ def new_run_dir(project: str | Path, task: str, name: str, exist_ok: bool) -> Pa
 
 
 def make_loader(dataset, cfg: TrainConfig, *, shuffle: bool, collate_fn, in_memory: bool,
-                device: torch.device, batch_size: int | None = None) -> DataLoader:
+                device: torch.device, batch_size: int | None = None, sampler=None) -> DataLoader:
+    """A training loader (shuffle=True) drops its last partial batch when the data holds more than one
+    global batch; `sampler` (its order, this process's shard) replaces the loader's own shuffling."""
     workers = auto_workers(in_memory) if cfg.workers < 0 else cfg.workers
-    return DataLoader(dataset, batch_size=batch_size or cfg.batch_size, shuffle=shuffle,
-                      num_workers=workers, collate_fn=collate_fn, drop_last=shuffle and len(dataset) > (batch_size or cfg.batch_size),
-                      pin_memory=device.type == "cuda")
+    return DataLoader(dataset, batch_size=batch_size or cfg.batch_size, shuffle=shuffle and sampler is None,
+                      sampler=sampler, num_workers=workers, collate_fn=collate_fn,
+                      drop_last=shuffle and len(dataset) > cfg.batch_size, pin_memory=device.type == "cuda")
 
 
 def checkpoint_dict(cfg: TrainConfig, task, model, data, *, optimizer, scheduler, ema, epoch: int,
@@ -165,9 +168,17 @@ def _load_resume(path: str, cfg: TrainConfig, explicit_model: bool) -> dict[str,
     return ckpt
 
 
+def _silent(*args, **kwargs) -> None:
+    """The log of every process but rank 0."""
+
+
 def fit(cfg: TrainConfig, *, resume: str | None = None, explicit_model: bool = False,
         extend_epochs: int | None = None, log=print, on_step=None) -> RunResult:
-    """Train per `cfg`; with `resume`, continue a run exactly where its last.pt stopped."""
+    """Train per `cfg`; with `resume`, continue a run exactly where its last.pt stopped.
+
+    Under torchrun every process runs this (see `cnnkit.engine.distributed`): `cfg.batch_size` is the
+    global batch, the model is DDP-wrapped, metrics are computed on what all processes predicted, and
+    only rank 0 logs and writes files. A run resumes on any number of processes."""
     ckpt = None
     if resume:
         ckpt = _load_resume(resume, cfg, explicit_model)
@@ -178,23 +189,34 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, explicit_model: bool = F
     else:
         run_dir = new_run_dir(cfg.project, cfg.task, cfg.name, cfg.exist_ok)
     task = get_task(cfg.task)
-    device = resolve_device(cfg.device)
+    device, started_group = dist.setup(resolve_device(cfg.device))
+    run_dir = dist.broadcast_object(run_dir)  # rank 0 chose the (numbered) folder
+    if not dist.is_main():
+        log = _silent
     precision = resolve_precision(cfg.precision, device)
     channels_last = use_channels_last(cfg.channels_last, device, precision)
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise UsageError("--epochs and --batch-size must be at least 1")
-    ck.seed_everything(cfg.seed)
+    batch = dist.per_process_batch(cfg.batch_size)
+    ck.seed_everything(cfg.seed)  # the same initial weights in every process (DDP broadcasts rank 0's anyway)
 
-    data = task.build_data(cfg)
+    with dist.main_first():  # a built-in data set is generated once, by rank 0
+        data = task.build_data(cfg)
     # a resumed run rebuilds the architecture only: its own checkpoint holds the weights
     model = task.build_model(dataclasses.replace(cfg, weights=None) if ckpt is not None else cfg, data).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     fp32_depthwise(model, device, precision)
-    train_loader = make_loader(data.train, cfg, shuffle=True, collate_fn=data.collate_fn,
-                               in_memory=data.in_memory, device=device)
-    val_loader = make_loader(data.val, cfg, shuffle=False, collate_fn=data.collate_fn,
-                             in_memory=data.in_memory, device=device, batch_size=cfg.batch_size * 2)
+    if cfg.sync_bn:
+        model = dist.convert_sync_batchnorm(model, device)
+    if cfg.freeze_early:
+        n_early = freeze_early(model, cfg.freeze_early)
+        log(f"backbone layers at stride <= {cfg.freeze_early} kept frozen ({n_early} tensors)")
+    ck.seed_everything(cfg.seed + dist.rank())  # augmentation: a stream of its own in each process
+    train_loader = make_loader(data.train, cfg, shuffle=True, collate_fn=data.collate_fn, in_memory=data.in_memory,
+                               device=device, batch_size=batch, sampler=dist.train_sampler(data.train, cfg.seed))
+    val_loader = make_loader(data.val, cfg, shuffle=False, collate_fn=data.collate_fn, in_memory=data.in_memory,
+                             device=device, batch_size=batch * 2, sampler=dist.val_sampler(data.val))
     backbone = backbone_parameters(model) if (cfg.freeze_backbone or cfg.backbone_lr_scale != 1.0) else []
     groups = parameter_groups(model, cfg.weight_decay, cfg.lr, backbone=backbone,
                               backbone_lr_scale=cfg.backbone_lr_scale)
@@ -221,14 +243,20 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, explicit_model: bool = F
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch, best = int(ckpt["epoch"]) + 1, float(ckpt["best_fitness"])
         history = [r for r in read_metrics_csv(run_dir / "metrics.csv") if r.get("epoch", 0) <= start_epoch]
-        ck.set_rng_state(ckpt["rng"])
+        ck.set_rng_state(ckpt["rng"])  # rank 0's; the other processes draw from streams of their own
+        if dist.rank() > 0:
+            ck.seed_everything(dist.seed_for_process(cfg.seed, start_epoch))
         log(f"resuming {run_dir} at epoch {start_epoch + 1}/{cfg.epochs}")
-    else:
+    elif dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=cfg.exist_ok)
         ck.atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    # the model that trains: DDP-wrapped under torchrun; `model` stays the bare one that is saved
+    train_model = dist.wrap(model, device, find_unused_parameters=bool(cfg.freeze_backbone))
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{cfg.task}: {model.cnnkit_name} ({n_params:,} parameters) on {data.source}; device {device}, "
-        f"precision {precision.name}, channels_last {channels_last}, {train_loader.num_workers} workers -> {run_dir}")
+        f"precision {precision.name}, channels_last {channels_last}, {train_loader.num_workers} workers"
+        + (f", {dist.world_size()} processes x {batch} images a step" if dist.world_size() > 1 else "")
+        + f" -> {run_dir}")
 
     steps_done = start_epoch * iters
     metrics: dict[str, Any] = {}
@@ -240,12 +268,15 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, explicit_model: bool = F
             if set_backbone_frozen(model, frozen) and (epoch > start_epoch or not frozen):
                 log(f"epoch {epoch + 1}: backbone {'frozen' if frozen else 'unfrozen'}")
         t0 = time.perf_counter()
-        train = train_one_epoch(model, task, train_loader, optimizer, scheduler, precision, device=device,
+        train_loader.sampler.set_epoch(epoch)  # the order of each epoch: seed + epoch, whatever the world size
+        train = train_one_epoch(train_model, task, train_loader, optimizer, scheduler, precision, device=device,
                                 channels_last=channels_last, scaler=scaler, ema=ema, clip_grad=cfg.clip_grad,
                                 max_steps=(cfg.max_steps - steps_done) if cfg.max_steps else 0,
-                                epoch=epoch, epochs=cfg.epochs, progress=cfg.progress, on_step=on_step)
+                                epoch=epoch, epochs=cfg.epochs, progress=cfg.progress and dist.is_main(),
+                                on_step=on_step)
         steps_done += train["steps"]
         eval_model = ema.module if ema is not None else model
+        dist.broadcast_buffers(eval_model)  # every process evaluates the model rank 0 saves
         metrics = evaluate(eval_model, task, val_loader, precision, device=device,
                            channels_last=channels_last, names=data.names)
         fitness = float(metrics[task.fitness])
@@ -253,20 +284,27 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, explicit_model: bool = F
         best = max(best, fitness)
         row = _scalar_row(epoch + 1, train, metrics, optimizer.param_groups[0]["lr"])
         history.append(row)
-        write_metrics_csv(run_dir / "metrics.csv", history)
-        state = checkpoint_dict(cfg, task, model, data, optimizer=optimizer, scheduler=scheduler, ema=ema,
-                                epoch=epoch, best_fitness=best, metrics=metrics, scaler=scaler)
-        ck.save_checkpoint(run_dir / "weights" / "last.pt", state)
-        if is_best:
-            ck.save_checkpoint(run_dir / "weights" / "best.pt", state)
-        if cfg.plots:
-            plot_curves(history, run_dir / "results.png", task.fitness, task.metric_names)
+        if dist.is_main():
+            write_metrics_csv(run_dir / "metrics.csv", history)
+            state = checkpoint_dict(cfg, task, model, data, optimizer=optimizer, scheduler=scheduler, ema=ema,
+                                    epoch=epoch, best_fitness=best, metrics=metrics, scaler=scaler)
+            ck.save_checkpoint(run_dir / "weights" / "last.pt", state)
+            if is_best:
+                ck.save_checkpoint(run_dir / "weights" / "best.pt", state)
+            if cfg.plots:
+                plot_curves(history, run_dir / "results.png", task.fitness, task.metric_names)
         shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k in task.metric_names)
         log(f"epoch {epoch + 1}/{cfg.epochs}  train loss {train['train_loss']:.4f} | val {shown}  "
             f"{train['images_per_s']:.0f} img/s  {time.perf_counter() - t0:.1f}s" + ("  *best*" if is_best else ""))
-    if metrics and cfg.plots:
+    if metrics and cfg.plots and dist.is_main():
         task.draw(metrics, run_dir, names=data.names)
     if data.skipped:
         log(f"skipped {len(data.skipped)} bad image(s): " + "; ".join(f"{p} ({r})" for p, r in data.skipped[:10])
             + (" ..." if len(data.skipped) > 10 else ""))
+    if cfg.plots and dist.is_main():
+        from cnnkit.report import write_report
+
+        log(f"report: {write_report([run_dir], run_dir / 'report.html', device=cfg.device)}")
+    dist.barrier()  # the others wait while rank 0 writes
+    dist.cleanup(started_group)
     return RunResult(run_dir, metrics, best, history)

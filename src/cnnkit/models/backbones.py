@@ -47,7 +47,6 @@ from typing import Iterable, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from cnnkit.errors import ModelError
 from cnnkit.models.inputs import check_int
@@ -401,6 +400,10 @@ class StageFeatures(Backbone):
                              fix="use a VGG or AlexNet backbone for max-unpooling")
         last = len(chain) - 1 if return_indices else max(level_at[i][0] for i in indices)
         chain = chain[: last + 1]
+        if return_indices:  # the pools are called as modules, so forward hooks (`cnnkit info`) see them
+            for _, layer in chain:
+                if isinstance(layer, nn.MaxPool2d):
+                    layer.return_indices = True
         for part_name, module, unroll in parts:
             kept = [m for n, m in chain if n == part_name]
             if not kept:
@@ -421,8 +424,7 @@ class StageFeatures(Backbone):
         for pos, layer in enumerate(self._chain):
             if self.return_indices and isinstance(layer, nn.MaxPool2d):
                 size = (int(x.shape[-2]), int(x.shape[-1]))
-                x, idx = F.max_pool2d(x, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
-                                      ceil_mode=layer.ceil_mode, return_indices=True)
+                x, idx = layer(x)  # return_indices=True (set in __init__)
                 pools.append(PoolIndices(idx, size))
             else:
                 x = layer(x)
@@ -610,3 +612,54 @@ def backbone_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Every parameter that is not in `head_parameters(model)`, in `model.parameters()` order."""
     head = {id(p) for p in head_parameters(model)}
     return [p for p in model.parameters() if id(p) not in head]
+
+
+def early_layers(model: nn.Module, max_stride: int) -> list[nn.Module]:
+    """The backbone layers that run at stride <= `max_stride`: every parameter-holding layer whose output
+    is at most `max_stride` times smaller than the image, in the order the forward pass calls them,
+    up to the first layer past that stride.
+
+    Found with one forward pass of a blank image through the backbone (a detector's or segmenter's
+    `model.backbone`, a classifier's `forward_features`), so it holds for every registry backbone.
+    Layers whose output is 1 x 1 while the image is larger (squeeze-excitation) belong to the block
+    they sit in. These are the layers detectron2's `FREEZE_AT` keeps frozen in transfer learning: the
+    generic ImageNet edges and textures, and the most expensive layers to back-propagate through.
+    """
+    check_int(max_stride, "max_stride", 1)
+    inner = _unwrap(model)
+    body = getattr(inner, "backbone", None)
+    run = body if isinstance(body, nn.Module) else inner
+    call = getattr(inner, "forward_features", None) if run is inner and not isinstance(inner, Backbone) else None
+    backbone_ids = {id(p) for p in backbone_parameters(inner)}
+    ref = next(iter(inner.parameters()), None)
+    conv = next((m for m in run.modules() if isinstance(m, nn.Conv2d)), None)
+    channels = conv.in_channels if conv is not None else int(getattr(run, "in_channels", 3))
+    size = max(64, 2 * int(getattr(run, "min_input_size", 32) or 32))
+    x = torch.zeros(1, channels, size, size, device=ref.device if ref is not None else None)
+    called: list[tuple[nn.Module, int]] = []
+
+    def hook(module, _inputs, output):
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        if isinstance(out, torch.Tensor) and out.ndim == 4:
+            w = int(out.shape[-1])
+            called.append((module, 0 if w == 1 else max(1, round(size / w))))
+
+    owners = [m for m in run.modules()
+              if any(id(p) in backbone_ids for p in m.parameters(recurse=False))]
+    handles = [m.register_forward_hook(hook) for m in owners]
+    was_training = inner.training
+    inner.eval()
+    try:
+        with torch.no_grad():
+            (call or run)(x)
+    finally:
+        for h in handles:
+            h.remove()
+        inner.train(was_training)
+    early: list[nn.Module] = []
+    for module, stride in called:
+        if stride > max_stride:
+            break
+        if module not in early:
+            early.append(module)
+    return early

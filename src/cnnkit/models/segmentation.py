@@ -537,12 +537,18 @@ class UNet(SegmentationNet):
         upsample: "bilinear" (default), "nearest" or "transposed" (see `UpBlock`).
         decoder_channels: output channels of the blocks, deepest first, one per upsampling step
             (5 for a backbone with a stride-2 level, else the first 4 are used).
+        output_stride: 1 (default, the paper's): the decoder climbs back to the image's resolution.
+            2 or 4: it stops at the backbone's map of that stride, the class scores are computed
+            there and bilinearly upsampled to the image (DeepLabv3+'s decoder, Chen et al. 2018,
+            predicts at stride 4): the full-resolution blocks, the costliest per pixel, are left out.
     """
 
     def __init__(self, backbone: str = "efficientnet_lite0", *, num_classes: int = 21, in_channels: int = 3,
                  img_size: int = 224, width: float = 1.0, upsample: str = "bilinear",
-                 decoder_channels: Sequence[int] = UNET_DECODER_CHANNELS):
+                 decoder_channels: Sequence[int] = UNET_DECODER_CHANNELS, output_stride: int = 1):
         super().__init__()
+        if output_stride not in (1, 2, 4) or isinstance(output_stride, bool):
+            raise ModelError(f"output_stride must be 1, 2 or 4, got {output_stride!r}")
         if upsample not in UPSAMPLE_KINDS:
             raise ModelError(f"unknown upsample kind {upsample!r}", fix=f"use one of {', '.join(UPSAMPLE_KINDS)}")
         width = self._set_options(num_classes=num_classes, in_channels=in_channels, img_size=img_size,
@@ -559,7 +565,15 @@ class UNet(SegmentationNet):
                 raise
             self._encoder(backbone, width=width, out_indices=(1, 2, 3, 4))
         channels, strides = self.backbone.channels, self.backbone.strides
-        steps = len(channels)
+        if output_stride > 1:
+            if output_stride not in strides:
+                raise ModelError(f"backbone {self.backbone_name} has no stride-{output_stride} map for "
+                                 f"output_stride={output_stride}", fix=f"use output_stride 1 or one of {strides[:1]}")
+            first = strides.index(output_stride)
+            channels, strides = channels[first:], strides[first:]
+        self.output_stride = output_stride
+        self.first_level = len(self.backbone.channels) - len(channels)
+        steps = len(channels) if output_stride == 1 else len(channels) - 1
         if len(decoder_channels) < steps:
             raise ModelError(f"decoder_channels needs {steps} entries for backbone {self.backbone_name} "
                              f"(one per upsampling step), got {len(decoder_channels)}")
@@ -567,12 +581,13 @@ class UNet(SegmentationNet):
         self.decoder_channels = tuple(widths)
         blocks = []
         current = channels[-1]
-        for i in range(steps - 1):  # fuse the maps at strides[-2], strides[-3], ...
-            skip = steps - 2 - i
+        for i in range(len(channels) - 1):  # fuse the maps at strides[-2], strides[-3], ...
+            skip = len(channels) - 2 - i
             blocks.append(UpBlock(current, channels[skip], widths[i], upsample=upsample,
                                   factor=strides[skip + 1] // strides[skip]))
             current = widths[i]
-        blocks.append(UpBlock(current, 0, widths[-1], upsample=upsample, factor=strides[0]))
+        if output_stride == 1:
+            blocks.append(UpBlock(current, 0, widths[-1], upsample=upsample, factor=strides[0]))
         self.decoder = nn.ModuleList(blocks)
         self.head = nn.Conv2d(widths[-1], self.num_classes, 1)
         _init_decoder(self.decoder)
@@ -582,12 +597,13 @@ class UNet(SegmentationNet):
         """Class logits (N, num_classes, H, W) at the input's size."""
         self.check_input(x)
         image = _size(x)
-        maps = self.backbone(x)
+        maps = self.backbone(x)[self.first_level:]
         y = maps[-1]
-        for i, block in enumerate(self.decoder[:-1]):
-            y = block(y, maps[len(maps) - 2 - i])
-        y = self.decoder[-1](y, size=image)
-        return self.head(y)
+        for i in range(len(maps) - 1):
+            y = self.decoder[i](y, maps[len(maps) - 2 - i])
+        if self.output_stride == 1:
+            return self.head(self.decoder[-1](y, size=image))
+        return F.interpolate(self.head(y), size=image, mode="bilinear", align_corners=False)
 
 
 # --- registry ------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
+from cnnkit.engine import distributed as dist
 from cnnkit.tasks.base import Task, TaskData
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -172,6 +173,8 @@ class ClassifyTask(Task):
                 hits[k] += v
             cm += confusion_matrix(logits.argmax(1), labels, n_cls).cpu()
             n += labels.numel()
+        if dist.is_sharded(loader):  # torchrun: this process saw one shard; sum the counts of all
+            cm, hits[1], hits[5], loss_sum, n = dist.sum_across(cm, hits[1], hits[5], loss_sum, n)
         per_class = (cm.diag().float() / cm.sum(1).clamp(min=1).float()).tolist()
         return {"loss": loss_sum / max(1, n), "top1": hits[1] / max(1, n), "top5": hits[5] / max(1, n),
                 "images": n, "per_class": dict(zip(names, per_class)), "confusion": cm.tolist()}
@@ -181,6 +184,25 @@ class ClassifyTask(Task):
 
         return plot_confusion(metrics["confusion"], names, Path(out_dir) / "confusion_matrix.png",
                               title=f"top-1 {metrics['top1']:.2%}  top-5 {metrics['top5']:.2%}")
+
+    # -- per-image scores (the run report's gallery) ----------------------------------------------
+    @torch.no_grad()
+    def score_images(self, model, images, targets, *, device, precision, channels_last=False) -> list[tuple[float, Any]]:
+        """One validation batch -> per image (score, prediction); the score is the probability of the true class."""
+        from cnnkit.engine.loop import to_device
+
+        with precision.autocast():
+            logits = model(to_device(images, self, device, channels_last))
+        probs = logits.float().softmax(dim=1).cpu()
+        p_true = probs.gather(1, targets.cpu().long().view(-1, 1)).flatten()
+        conf, pred = probs.max(dim=1)
+        return [(float(s), (int(c), float(p))) for s, c, p in zip(p_true, pred, conf)]
+
+    def draw_example(self, image, target, prediction, score: float, names: list[str]) -> list[tuple[Any, str]]:
+        """The image, captioned with its true class, the prediction and the score: [(HxW[x3] uint8, caption)]."""
+        pred, prob = prediction
+        caption = f"p(true) {score:.2f}\n{names[int(target)]} -> {names[pred]} {prob:.2f}"
+        return [(image.permute(1, 2, 0).squeeze(-1).numpy(), caption)]
 
     # -- prediction -----------------------------------------------------------------------------
     @torch.no_grad()

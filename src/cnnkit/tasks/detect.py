@@ -17,6 +17,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from cnnkit.engine import distributed as dist
 from cnnkit.tasks.base import Task, TaskData, square_batches
 
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45",
@@ -137,6 +138,9 @@ class DetectTask(Task):
                 gts.append({k: v.cpu() for k, v in t.items()})
                 if len(examples) < 16:
                     examples.append(img.cpu())
+        if dist.is_sharded(loader):  # torchrun: every process's detections, in validation-set order
+            preds, gts, examples = dist.gather_ordered(preds), dist.gather_ordered(gts), dist.gather_ordered(examples)[:16]
+            loss_sum, n = dist.sum_across(loss_sum, n)
         coco = coco_metrics(preds, gts, names)
         voc, curves = voc07_and_curves(preds, gts, names)
         return {"loss": loss_sum / max(1, n), "AP": float(coco["AP"]), "AP50": float(coco["AP50"]),
@@ -158,6 +162,40 @@ class DetectTask(Task):
             plot_grid(pics, [f"{int((p['scores'] >= 0.25).sum())} boxes" for p in preds], out_dir / "val_predictions.png",
                       cols=4)
         return out_dir / "pr_curve.png"
+
+    # -- per-image scores (the run report's gallery) ----------------------------------------------
+    @torch.no_grad()
+    def score_images(self, model, images, targets, *, device, precision, channels_last=False,
+                     conf_threshold: float = 0.25) -> list[tuple[float, Any]]:
+        """One validation batch -> per image (score, prediction). The score is the F1 of the detections
+        kept at `conf_threshold` (predict's default), matched to the truth at IoU 0.5 as VOC matches
+        them: 2 TP / (2 TP + FP + FN); 1.0 for an image with neither objects nor detections."""
+        from cnnkit.engine.loop import to_device
+        from cnnkit.tasks.detection_metrics import _match_voc, _unpack
+
+        with precision.autocast():
+            dets = self.detect(model, to_device(images, self, device, channels_last), conf_threshold=conf_threshold)
+        n_cls = int(model.num_classes)
+        out = []
+        for det, truth in zip(dets, self.move_targets(targets, torch.device("cpu"))):
+            det = {k: v.detach().cpu() for k, v in det.items()}
+            per_class = _match_voc(*_unpack([det], [truth], n_cls), n_cls, 0.5)
+            tp = sum(int(c[0].sum()) for c in per_class)
+            fp = sum(int(c[1].sum()) for c in per_class)
+            n_pos = sum(c[2] for c in per_class)
+            f1 = 2 * tp / (tp + fp + n_pos) if tp + fp + n_pos else 1.0
+            out.append((f1, {"det": det, "tp": tp, "fp": fp, "n_pos": n_pos}))
+        return out
+
+    def draw_example(self, image, target, prediction, score: float, names: list[str]) -> list[tuple[Any, str]]:
+        """The true boxes and the detections of one image: [(HxWx3 uint8, caption)] x 2."""
+        boxes = target["boxes"].as_subclass(torch.Tensor)
+        truth = {"boxes": boxes, "scores": torch.ones(len(boxes)), "labels": target["labels"]}
+        p = prediction
+        return [(draw_detections(image, truth, names, min_score=0.0).permute(1, 2, 0).numpy(),
+                 f"truth: {p['n_pos']} object(s)"),
+                (draw_detections(image, p["det"], names, min_score=0.0).permute(1, 2, 0).numpy(),
+                 f"F1 {score:.2f}: {p['tp']} found,\n{p['n_pos'] - p['tp']} missed, {p['fp']} false")]
 
     # -- prediction -----------------------------------------------------------------------------
     @torch.no_grad()

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from cnnkit.errors import UsageError
+from cnnkit.engine import distributed as dist
 from cnnkit.tasks.base import Task, TaskData, square_batches
 
 IGNORE_INDEX = 255
@@ -151,6 +152,9 @@ class SegmentTask(Task):
                 if len(examples) >= 8:
                     break
                 examples.append((img.cpu(), p.cpu(), t.cpu()))
+        if dist.is_sharded(loader):  # torchrun: one confusion matrix over the pixels of every process
+            cm, loss_sum, n = dist.sum_across(cm, loss_sum, n)
+            examples = dist.gather_ordered(examples)[:8]
         scores = segmentation_scores(cm.cpu(), names)
         return {"loss": loss_sum / max(1, n), "mIoU": float(scores["mIoU"]),
                 "pixel_accuracy": float(scores["pixel_accuracy"]), "mean_accuracy": float(scores["mean_accuracy"]),
@@ -173,6 +177,31 @@ class SegmentTask(Task):
         if pics:
             plot_grid(pics, caps, out_dir / "val_predictions.png", cols=6)
         return path
+
+    # -- per-image scores (the run report's gallery) ----------------------------------------------
+    @torch.no_grad()
+    def score_images(self, model, images, targets, *, device, precision, channels_last=False) -> list[tuple[float, Any]]:
+        """One validation batch -> per image (score, predicted mask); the score is the image's own mIoU
+        over the classes in its truth or prediction (ignore pixels left out; 0.0 when all are ignored)."""
+        from cnnkit.engine.loop import to_device
+        from cnnkit.tasks.segmentation_metrics import confusion_matrix, segmentation_scores
+
+        with precision.autocast():
+            logits = model(to_device(images, self, device, channels_last))
+        n_cls = logits.shape[1]
+        preds = logits.float().argmax(1).cpu()
+        classes = [str(c) for c in range(n_cls)]
+        return [(float(segmentation_scores(confusion_matrix(p, t, n_cls, ignore_index=IGNORE_INDEX), classes)["mIoU"]),
+                 p.to(torch.uint8 if n_cls <= 256 else torch.int32))
+                for p, t in zip(preds, targets.cpu())]
+
+    def draw_example(self, image, target, prediction, score: float, names: list[str]) -> list[tuple[Any, str]]:
+        """Image, truth and prediction overlays of one image (as `draw` shows them): [(HxWx3 uint8, caption)] x 3."""
+        from cnnkit.tasks.segmentation_metrics import overlay
+
+        return [(image.permute(1, 2, 0).numpy(), f"mIoU {score:.2f}"),
+                (overlay(image, target, num_classes=len(names)).permute(1, 2, 0).numpy(), "truth"),
+                (overlay(image, prediction, num_classes=len(names)).permute(1, 2, 0).numpy(), "prediction")]
 
     # -- prediction -----------------------------------------------------------------------------
     @torch.no_grad()
