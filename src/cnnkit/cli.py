@@ -151,6 +151,9 @@ def _add_train_flags(p: argparse.ArgumentParser, defaults) -> None:
                    help="evaluate and save an exponential moving average of the weights")
     p.add_argument("--ema-decay", type=FRACTION, default=defaults.ema_decay, help="EMA decay per step")
     p.add_argument("--clip-grad", type=NON_NEGATIVE, default=defaults.clip_grad, help="max gradient norm (0 = off)")
+    p.add_argument("--skip-nonfinite", action="store_true", help="skip a step whose loss is NaN or infinite (no "
+                   "weight, optimizer or EMA update; the lr schedule moves on) and count it in metrics.csv "
+                   "(skipped_steps), instead of stopping the run")
     p.add_argument("--no-augment", action="store_true", help="train without data augmentation")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=defaults.precision, help="auto: bf16 where the device supports it")
     p.add_argument("--channels-last", choices=("auto", "on", "off"), default=defaults.channels_last, help="memory format (auto: on with bf16 or CUDA)")
@@ -172,22 +175,7 @@ def _add_train_flags(p: argparse.ArgumentParser, defaults) -> None:
 
 
 # Per task: the default model and the training settings that differ from TrainConfig's.
-TASK_DEFAULTS = {
-    "classify": dict(model="vgg11_bn", model_kwargs={"width": 0.5, "pool_size": 1, "dropout": 0.2}, config={}),
-    # YOLO's S x S x (5B+C) head on the offline ImageNet EfficientNet-Lite0, AdamW with gradient clipping:
-    # measured on the 4,000 built-in scenes (BENCHMARKS.md); the paper's SGD recipe (momentum 0.9, wd 5e-4)
-    # reached at best AP50 0.42 against AdamW's 0.68 in the same 16 epochs of the 2,000-scene set
-    "detect": dict(model="yolo", model_kwargs={"backbone": "efficientnet_lite0", "width": 0.5},
-                   config={"data": "scenes", "img_size": 160, "batch_size": 32, "epochs": 12, "lr": 0.002,
-                           "optimizer": "adamw", "weight_decay": 0.05, "clip_grad": 10.0, "warmup_epochs": 0.5,
-                           "ema": True, "ema_decay": 0.995, "weights": "imagenet", "freeze_early": 4}),
-    # U-Net on the offline ImageNet EfficientNet-Lite0; full-width decoder (width 0.5 learned far slower: mIoU 0.12
-    # against 0.45 after 10-12 epochs on 2,000 scenes, BENCHMARKS.md)
-    "segment": dict(model="unet", model_kwargs={"backbone": "efficientnet_lite0", "width": 1.0, "output_stride": 4},
-                    config={"data": "scenes-seg", "img_size": 160, "batch_size": 16, "epochs": 8, "lr": 0.002,
-                            "optimizer": "adamw", "weight_decay": 0.05, "clip_grad": 10.0, "warmup_epochs": 1.0,
-                            "weights": "imagenet", "freeze_early": 4}),
-}
+from cnnkit.tasks.defaults import TASK_DEFAULTS  # noqa: E402  (re-exported: cli.TASK_DEFAULTS)
 
 
 def config_from_args(task: str, args):
@@ -206,6 +194,7 @@ def config_from_args(task: str, args):
                       momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
                       warmup_epochs=args.warmup_epochs, steps=list(args.steps), gamma=args.gamma,
                       label_smoothing=args.label_smoothing, ema=args.ema, ema_decay=args.ema_decay, clip_grad=args.clip_grad,
+                      skip_nonfinite=args.skip_nonfinite,
                       augment=not args.no_augment, precision=args.precision, channels_last=args.channels_last,
                       device=args.device, workers=args.workers, seed=args.seed, project=args.project,
                       name=args.name, exist_ok=args.exist_ok, on_bad_image=args.on_bad_image,
@@ -500,3 +489,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cnnkit: interrupted (the last finished epoch is in weights/last.pt; use --resume)", file=sys.stderr)
         return 130
+    except Exception as exc:
+        loop = sys.modules.get("cnnkit.engine.loop")  # imported only if training ran (the CLI imports lazily)
+        if loop is None or not isinstance(exc, loop.TrainingInterrupted):
+            raise
+        # SIGINT / SIGTERM during training: a checkpoint was saved; 130 / 143 as a shell reports the signal
+        from cnnkit.engine.distributed import is_main
+
+        if is_main():
+            print(f"cnnkit: {exc}", file=sys.stderr)
+        return exc.exit_code

@@ -38,11 +38,9 @@ def run_demo(quick: bool = False, tasks=DEMO_TASKS) -> int:
 
 def task_demo_config(task: str, quick: bool = False):
     """The CLI's defaults for `cnnkit train detect|segment`, run as the demo."""
-    from cnnkit.cli import TASK_DEFAULTS
     from cnnkit.engine.config import TrainConfig
 
-    d = TASK_DEFAULTS[task]
-    cfg = TrainConfig(task=task, model=d["model"], model_kwargs=dict(d["model_kwargs"]), **d["config"])
+    cfg = TrainConfig.for_task(task)
     cfg.name, cfg.project, cfg.progress, cfg.exist_ok = "demo", "runs", False, False
     if quick:
         cfg.epochs, cfg.max_steps = 1, 2

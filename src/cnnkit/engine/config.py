@@ -34,6 +34,7 @@ class TrainConfig:
     ema: bool = False
     ema_decay: float = 0.999
     clip_grad: float = 0.0
+    skip_nonfinite: bool = False  # a NaN / inf loss skips its step (counted in metrics.csv) instead of stopping the run
     augment: bool = True
     precision: str = "auto"
     channels_last: str = "auto"
@@ -54,6 +55,29 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def for_task(cls, task: str, **changes) -> "TrainConfig":
+        """The settings `cnnkit train <task>` uses by default (model, its options, recipe), with `changes`
+        applied; a `model` given in `changes` drops the default model's options."""
+        from cnnkit.tasks.defaults import TASK_DEFAULTS
+
+        if task not in TASK_DEFAULTS:
+            from cnnkit.errors import UsageError
+
+            raise UsageError(f"unknown task {task!r}", fix=f"use one of {', '.join(TASK_DEFAULTS)}")
+        d = TASK_DEFAULTS[task]
+        kwargs = {} if "model" in changes else dict(d["model_kwargs"])
+        kwargs.update(changes.pop("model_kwargs", {}))
+        values = {"task": task, "model": d["model"], **d["config"], **changes, "model_kwargs": kwargs}
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            from cnnkit.errors import UsageError
+
+            raise UsageError(f"unknown TrainConfig field(s) {', '.join(unknown)}",
+                             fix=f"use fields of cnnkit.engine.config.TrainConfig")
+        return cls(**values)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
