@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from cnnkit.engine import distributed as dist
 from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.finetune import backbone_parameters, freeze_early, is_frozen_at, set_backbone_frozen
 from cnnkit.engine.device import auto_workers, fp32_depthwise, resolve_device, resolve_precision, use_channels_last
-from cnnkit.engine.loop import evaluate, train_one_epoch
+from cnnkit.engine.loop import DivergedError, StopRequest, TrainingInterrupted, evaluate, train_one_epoch
 from cnnkit.engine.optim import ModelEMA, build_optimizer, build_scheduler, parameter_groups
 from cnnkit.errors import UsageError, WeightsError
 
@@ -93,8 +94,21 @@ def _scalar_row(epoch: int, train: dict, val: dict, lr: float) -> dict[str, Any]
     row: dict[str, Any] = {"epoch": epoch}
     row.update({k: round(v, 6) for k, v in train.items() if k.startswith("train_") and k != "train_time_s"})
     row.update({f"val_{k}": round(float(v), 6) for k, v in val.items() if isinstance(v, (int, float))})
-    row.update(lr=lr, images_per_s=round(train["images_per_s"], 1), epoch_time_s=round(train["train_time_s"], 2))
+    row.update(lr=lr, images_per_s=round(train["images_per_s"], 1), epoch_time_s=round(train["train_time_s"], 2),
+               skipped_steps=train.get("skipped_steps", 0))
     return row
+
+
+def _all_finite(*state_dicts) -> bool:
+    return all(bool(torch.isfinite(v).all()) for sd in state_dicts if sd for v in sd.values()
+               if isinstance(v, torch.Tensor) and v.is_floating_point())
+
+
+def _remove_stale_temp_files(run_dir: Path) -> None:
+    """Temp files of atomic writes that a killed process left behind (the real files are intact)."""
+    for folder in (run_dir, run_dir / "weights"):
+        for tmp in folder.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 def write_metrics_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -168,6 +182,18 @@ def _load_resume(path: str, cfg: TrainConfig, explicit_model: bool) -> dict[str,
     return ckpt
 
 
+def _check_finite(state: dict[str, Any], where: str) -> None:
+    """Weights that became NaN / inf are never saved: last.pt keeps the last good state."""
+    if not _all_finite(state["state_dict"], state["train_state_dict"]):
+        raise DivergedError(f"the weights became NaN or infinite by {where}; weights/last.pt still holds the "
+                            "last good checkpoint", fix="lower --lr, raise --warmup-epochs, or set --clip-grad 10")
+
+
+def _save_if_finite(path: Path, state: dict[str, Any], where: str) -> None:
+    _check_finite(state, where)
+    ck.save_checkpoint(path, state)
+
+
 def _silent(*args, **kwargs) -> None:
     """The log of every process but rank 0."""
 
@@ -178,7 +204,22 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, explicit_model: bool = F
 
     Under torchrun every process runs this (see `cnnkit.engine.distributed`): `cfg.batch_size` is the
     global batch, the model is DDP-wrapped, metrics are computed on what all processes predicted, and
-    only rank 0 logs and writes files. A run resumes on any number of processes."""
+    only rank 0 logs and writes files. A run resumes on any number of processes.
+
+    SIGINT (Ctrl-C) and SIGTERM stop training after the current step: last.pt then holds that step
+    (mid-epoch: the step within the epoch, the random state, and the epoch's partial sums, so that
+    --resume skips the batches already done and continues as the uninterrupted run would), and
+    `TrainingInterrupted` is raised (the CLI exits 130 / 143). Under torchrun every process stops at
+    the same step and rank 0 writes. The previous signal handlers are restored when `fit` returns.
+    A NaN / inf loss raises `DivergedError` (or is skipped with `cfg.skip_nonfinite`); weights that
+    became non-finite are never saved, so last.pt keeps the last good epoch."""
+    stop = StopRequest()
+    with stop.installed():
+        return _fit(cfg, resume=resume, explicit_model=explicit_model, extend_epochs=extend_epochs, log=log,
+                    on_step=on_step, stop=stop)
+
+
+def _fit(cfg: TrainConfig, *, resume, explicit_model, extend_epochs, log, on_step, stop: StopRequest) -> RunResult:
     ckpt = None
     if resume:
         ckpt = _load_resume(resume, cfg, explicit_model)
@@ -229,7 +270,8 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, explicit_model: bool = F
     scaler = torch.amp.GradScaler(device.type) if precision.needs_scaler else None
     ema = ModelEMA(model, cfg.ema_decay) if cfg.ema else None
 
-    start_epoch, best, history = 0, float("-inf"), []
+    start_epoch, start_step, best, history = 0, 0, float("-inf"), []
+    partial, resume_rng = None, None
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["train_state_dict"] or ckpt["state_dict"])
@@ -242,11 +284,20 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, explicit_model: bool = F
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch, best = int(ckpt["epoch"]) + 1, float(ckpt["best_fitness"])
+        start_step = int(ckpt.get("step") or 0)  # a checkpoint written on a signal, mid-epoch
         history = [r for r in read_metrics_csv(run_dir / "metrics.csv") if r.get("epoch", 0) <= start_epoch]
-        ck.set_rng_state(ckpt["rng"])  # rank 0's; the other processes draw from streams of their own
+        if start_step:  # the epoch's start state (its loader draws its seed from it), then the step's
+            ck.set_rng_state(ckpt["epoch_rng"])
+            resume_rng, partial = ckpt["rng"], ckpt.get("partial")
+        else:
+            ck.set_rng_state(ckpt["rng"])  # rank 0's; the other processes draw from streams of their own
         if dist.rank() > 0:
             ck.seed_everything(dist.seed_for_process(cfg.seed, start_epoch))
-        log(f"resuming {run_dir} at epoch {start_epoch + 1}/{cfg.epochs}")
+            resume_rng = None
+        if dist.is_main():
+            _remove_stale_temp_files(run_dir)
+        log(f"resuming {run_dir} at epoch {start_epoch + 1}/{cfg.epochs}"
+            + (f", step {start_step + 1}/{iters}" if start_step else ""))
     elif dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=cfg.exist_ok)
         ck.atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -258,8 +309,11 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, explicit_model: bool = F
         + (f", {dist.world_size()} processes x {batch} images a step" if dist.world_size() > 1 else "")
         + f" -> {run_dir}")
 
-    steps_done = start_epoch * iters
-    metrics: dict[str, Any] = {}
+    steps_done = start_epoch * iters + start_step
+    metrics: dict[str, Any] = {}  # of this process's last evaluation (the task draws from it)
+    saved_metrics = dict(ckpt.get("metrics") or {}) if ckpt is not None else {}
+    interrupted: tuple[int, int, int] | None = None  # (signal, epoch, step within it)
+    last_pt = run_dir / "weights" / "last.pt"
     for epoch in range(start_epoch, cfg.epochs):
         if cfg.max_steps and steps_done >= cfg.max_steps:
             break
@@ -269,12 +323,25 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, explicit_model: bool = F
                 log(f"epoch {epoch + 1}: backbone {'frozen' if frozen else 'unfrozen'}")
         t0 = time.perf_counter()
         train_loader.sampler.set_epoch(epoch)  # the order of each epoch: seed + epoch, whatever the world size
+        epoch_rng = ck.rng_state()  # saved with a mid-epoch checkpoint: the loader of this epoch starts from it
+        first = epoch == start_epoch
         train = train_one_epoch(train_model, task, train_loader, optimizer, scheduler, precision, device=device,
                                 channels_last=channels_last, scaler=scaler, ema=ema, clip_grad=cfg.clip_grad,
                                 max_steps=(cfg.max_steps - steps_done) if cfg.max_steps else 0,
                                 epoch=epoch, epochs=cfg.epochs, progress=cfg.progress and dist.is_main(),
-                                on_step=on_step)
+                                on_step=on_step, stop=stop, skip_nonfinite=cfg.skip_nonfinite,
+                                start_step=start_step if first else 0, resume_rng=resume_rng if first else None,
+                                resume_totals=partial if first else None)
         steps_done += train["steps"]
+        if train["interrupted_at"] is not None:  # a signal: save this step and stop
+            interrupted = (stop.signum or signal.SIGTERM, epoch, train["interrupted_at"])
+            if dist.is_main():
+                state = checkpoint_dict(cfg, task, model, data, optimizer=optimizer, scheduler=scheduler, ema=ema,
+                                        epoch=epoch - 1, best_fitness=best, metrics=metrics or saved_metrics,
+                                        scaler=scaler)
+                state.update(step=train["interrupted_at"], epoch_rng=epoch_rng, partial=train["totals"])
+                _save_if_finite(last_pt, state, f"epoch {epoch + 1}, step {train['interrupted_at']}")
+            break
         eval_model = ema.module if ema is not None else model
         dist.broadcast_buffers(eval_model)  # every process evaluates the model rank 0 saves
         metrics = evaluate(eval_model, task, val_loader, precision, device=device,
@@ -285,17 +352,28 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, explicit_model: bool = F
         row = _scalar_row(epoch + 1, train, metrics, optimizer.param_groups[0]["lr"])
         history.append(row)
         if dist.is_main():
-            write_metrics_csv(run_dir / "metrics.csv", history)
             state = checkpoint_dict(cfg, task, model, data, optimizer=optimizer, scheduler=scheduler, ema=ema,
                                     epoch=epoch, best_fitness=best, metrics=metrics, scaler=scaler)
-            ck.save_checkpoint(run_dir / "weights" / "last.pt", state)
+            _check_finite(state, f"the end of epoch {epoch + 1}")
+            write_metrics_csv(run_dir / "metrics.csv", history)
+            ck.save_checkpoint(last_pt, state)
             if is_best:
                 ck.save_checkpoint(run_dir / "weights" / "best.pt", state)
             if cfg.plots:
                 plot_curves(history, run_dir / "results.png", task.fitness, task.metric_names)
         shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k in task.metric_names)
         log(f"epoch {epoch + 1}/{cfg.epochs}  train loss {train['train_loss']:.4f} | val {shown}  "
-            f"{train['images_per_s']:.0f} img/s  {time.perf_counter() - t0:.1f}s" + ("  *best*" if is_best else ""))
+            f"{train['images_per_s']:.0f} img/s  {time.perf_counter() - t0:.1f}s" + ("  *best*" if is_best else "")
+            + (f"  {train['skipped_steps']} non-finite step(s) skipped" if train["skipped_steps"] else ""))
+        # a signal during evaluation or the saves: last.pt already holds this epoch (the same answer on every process)
+        if dist.average([float(bool(stop.signum))], device)[0] > 0 and epoch + 1 < cfg.epochs:
+            interrupted = (stop.signum or signal.SIGTERM, epoch + 1, 0)
+            break
+    if interrupted is not None:
+        dist.barrier()  # the others wait while rank 0 writes
+        dist.cleanup(started_group)
+        signum, epoch, step = interrupted
+        raise TrainingInterrupted(signum, last_pt, cfg.task, epoch, step)
     if metrics and cfg.plots and dist.is_main():
         task.draw(metrics, run_dir, names=data.names)
     if data.skipped:
