@@ -81,9 +81,11 @@ def use_channels_last(setting: str | bool, device: torch.device, precision: Prec
     return setting in ("1", "true", "yes", "on")
 
 
-def auto_workers(in_memory: bool) -> int:
-    """DataLoader workers: none for in-memory data (a worker only steals a core), else cores - 1."""
-    if in_memory:
+def auto_workers(in_memory: bool, device: torch.device | None = None) -> int:
+    """DataLoader workers: cores - 1 (at most 8), except for in-memory data on the CPU, where a worker
+    only steals a core from the model. On a GPU the CPU is free while the model runs, so even in-memory
+    data gets workers (augmentation otherwise starves the GPU: benchmarks/speed.py --device cuda)."""
+    if in_memory and (device is None or device.type == "cpu"):
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(0, min(8, cores - 1))

@@ -60,7 +60,7 @@ def make_loader(dataset, cfg: TrainConfig, *, shuffle: bool, collate_fn, in_memo
                 device: torch.device, batch_size: int | None = None, sampler=None) -> DataLoader:
     """A training loader (shuffle=True) drops its last partial batch when the data holds more than one
     global batch; `sampler` (its order, this process's shard) replaces the loader's own shuffling."""
-    workers = auto_workers(in_memory) if cfg.workers < 0 else cfg.workers
+    workers = auto_workers(in_memory, device) if cfg.workers < 0 else cfg.workers
     return DataLoader(dataset, batch_size=batch_size or cfg.batch_size, shuffle=shuffle and sampler is None,
                       sampler=sampler, num_workers=workers, collate_fn=collate_fn,
                       drop_last=shuffle and len(dataset) > cfg.batch_size, pin_memory=device.type == "cuda")
@@ -231,6 +231,8 @@ def _fit(cfg: TrainConfig, *, resume, explicit_model, extend_epochs, log, on_ste
         run_dir = new_run_dir(cfg.project, cfg.task, cfg.name, cfg.exist_ok)
     task = get_task(cfg.task)
     device, started_group = dist.setup(resolve_device(cfg.device))
+    if device.type == "cuda":  # fixed input sizes: let cuDNN time its algorithms once and keep the fastest
+        torch.backends.cudnn.benchmark = True
     run_dir = dist.broadcast_object(run_dir)  # rank 0 chose the (numbered) folder
     if not dist.is_main():
         log = _silent
