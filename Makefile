@@ -20,8 +20,10 @@ test-slow: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m cnnkit demo
 
+# every task's default model, plain PyTorch against cnnkit, one table (about 10 minutes on 2 CPU cores);
+# writes it into BENCHMARKS.md between <!-- bench:begin cpu --> and <!-- bench:end cpu -->
 bench: $(STAMP)
-	$(BIN)/python benchmarks/train_speed.py
+	$(BIN)/python benchmarks/speed.py --task all --write
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -189,8 +189,12 @@ def test_fp32_depthwise_keeps_weights_and_results():
         assert torch.allclose(model(x), ref, atol=1e-5)  # outside autocast: the same fp32 arithmetic
         dw = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert dw(torch.rand(1, dw.in_channels, 8, 8)).dtype == torch.float32
-            assert model(x).dtype == torch.bfloat16  # the rest still runs in bf16
+            assert dw(torch.rand(1, dw.in_channels, 8, 8)).dtype == torch.bfloat16  # forward only: bf16
+            assert model(x).dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # recorded for backward: the depthwise layers in fp32
+        out = dw(torch.rand(1, dw.in_channels, 8, 8, requires_grad=True))
+        assert out.dtype == torch.float32 and out.requires_grad
+        assert model(x).dtype == torch.bfloat16  # the rest still runs in bf16
     twin = copy.deepcopy(model)  # EMA copies the model
     with torch.no_grad():
         assert torch.allclose(twin(x), ref, atol=1e-5)
