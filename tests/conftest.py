@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 CLASSES = ("circle", "square", "stripes", "dots")
@@ -35,3 +36,13 @@ def shapes_dir(tmp_path_factory):
             for i in range(n):
                 Image.fromarray(_draw(c, rng)).save(root / split / c / f"{i}.png")
     return root
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for a test: the CPU is shared, and OpenMP threads that wait on each other crawl
+    there (and a single thread makes the arithmetic order, hence the results, reproducible)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -109,12 +109,8 @@ def _rows(run: Path) -> list[dict]:
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the CPU is shared, and OpenMP threads that wait on each other crawl there."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every test here on one intra-op thread (conftest.one_thread)."""
 
 
 @pytest.mark.slow

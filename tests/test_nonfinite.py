@@ -26,11 +26,8 @@ STEPS = 4  # 64 training images / batch 16
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every test here on one intra-op thread (conftest.one_thread)."""
 
 
 def _cfg(shapes_dir, tmp_path, **kw) -> TrainConfig:

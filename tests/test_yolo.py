@@ -402,15 +402,6 @@ def synthetic_batch(n_images=4, size=128, S=4, seed=0):
     return images, boxes, labels
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: small ops run as fast, and a shared, busy CPU does not slow them 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_overfit_few_images_gives_near_perfect_detections(one_thread):
     torch.manual_seed(0)
     size, S, B, C = 128, 4, 2, 3
