@@ -93,6 +93,9 @@ def test_freeze_early_keeps_the_high_resolution_layers_fixed_all_run():
     assert sum(not p.requires_grad for p in model.parameters()) == n
     train_mode(model)
     assert not model.features[1].training and model.features[9].training
+    model.eval()
+    train_mode(torch.nn.DataParallel(model))  # wrapped (DDP, torch.compile): the same layers stay in eval mode
+    assert not model.features[1].training and model.features[9].training
 
 
 def test_backbone_and_head_partition_the_parameters():
@@ -139,3 +142,17 @@ def test_unfreeze_at_trains_the_backbone_again(shapes_dir, tmp_path):
     assert not torch.equal(second[conv], first[conv])  # trained in epoch 2
     assert not torch.equal(first["classifier.6.weight"], initial["classifier.6.weight"])
     assert any("backbone unfrozen" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_compile_trains_and_saves_the_bare_model(shapes_dir, tmp_path):
+    cfg = TrainConfig(task="classify", model="vgg11_bn", model_kwargs={"width": 0.125, "pool_size": 1},
+                      data=str(shapes_dir), epochs=1, batch_size=16, img_size=32, project=str(tmp_path),
+                      name="c", progress=False, plots=False, precision="fp32", compile=True, ema=True,
+                      freeze_early=2)
+    result = fit(cfg, log=lambda *a: None)
+    state = ck.load_checkpoint(result.run_dir / "weights" / "last.pt")
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in state["state_dict"])
+    assert list(state["state_dict"]) == list(build_model("vgg11_bn", num_classes=4, width=0.125,
+                                                         pool_size=1).state_dict())
+    assert result.metrics["top1"] >= 0

@@ -170,6 +170,9 @@ def _add_train_flags(p: argparse.ArgumentParser, defaults) -> None:
     p.add_argument("--train-subset", type=COUNT, default=0, help="train on a stratified subset of this many images (0 = all)")
     p.add_argument("--max-steps", type=COUNT, default=0, help="stop after this many optimizer steps (0 = no limit)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch only)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training model (inductor): "
+                   "on the 2-core CPU of BENCHMARKS.md it trained the detector slower (103 against 123 img/s, "
+                   "after 41 s of compilation); try it on a GPU")
     p.add_argument("--sync-bn", action="store_true", help="under torchrun on GPUs: BatchNorm statistics over the "
                    "global batch (nn.SyncBatchNorm; torch supports it on CUDA only)")
 
@@ -200,7 +203,7 @@ def config_from_args(task: str, args):
                       name=args.name, exist_ok=args.exist_ok, on_bad_image=args.on_bad_image,
                       on_bad_label=args.on_bad_label, class_weights=getattr(args, "class_weights", "") or "",
                       max_steps=args.max_steps, train_subset=args.train_subset, weights=weights, download=args.download,
-                      freeze_backbone=args.freeze_backbone, unfreeze_at=args.unfreeze_at, freeze_early=args.freeze_early,
+                      freeze_backbone=args.freeze_backbone, unfreeze_at=args.unfreeze_at, freeze_early=args.freeze_early, compile=args.compile,
                       backbone_lr_scale=args.backbone_lr_scale, progress=not args.no_progress and sys.stderr.isatty(),
                       sync_bn=args.sync_bn)
     return cfg, explicit_model

@@ -16,6 +16,7 @@ class TrainConfig:
     download: bool = False  # allow downloading torchvision weights
     freeze_backbone: bool = False
     unfreeze_at: int = 0  # 1-based epoch at which a frozen backbone trains again (0 = never)
+    compile: bool = False  # torch.compile the training model (inductor)
     freeze_early: int = 0  # keep the backbone layers at stride <= this frozen all run (0 = none)
     backbone_lr_scale: float = 1.0
     data: str = "fashion-mnist"

@@ -239,8 +239,11 @@ class DistributedModel(DistributedDataParallel):
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside a DDP wrapper (its state_dict keys carry no `module.` prefix)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
+    """The model inside DDP and torch.compile wrappers (its state_dict keys carry no `module.` or
+    `_orig_mod.` prefix)."""
+    from cnnkit.models.backbones import _unwrap
+
+    return _unwrap(model)
 
 
 def wrap(model: torch.nn.Module, device: torch.device, *, find_unused_parameters: bool = False) -> torch.nn.Module:

@@ -65,10 +65,13 @@ def freeze_early(model: nn.Module, max_stride: int) -> int:
 
 def train_mode(model: nn.Module) -> None:
     """model.train(), except the normalisation layers of a frozen backbone and of the early layers kept
-    frozen (`freeze_early`), which stay in eval mode."""
+    frozen (`freeze_early`), which stay in eval mode. `model` may be wrapped (DDP, torch.compile)."""
+    from cnnkit.models.backbones import _unwrap
+
     model.train()
-    for m in getattr(model, "cnnkit_frozen_norms", ()):
+    inner = _unwrap(model)
+    for m in getattr(inner, "cnnkit_frozen_norms", ()):
         m.eval()
-    for m in getattr(model, "cnnkit_early_frozen", ()):
+    for m in getattr(inner, "cnnkit_early_frozen", ()):
         if isinstance(m, nn.modules.batchnorm._NormBase):
             m.eval()

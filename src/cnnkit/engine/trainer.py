@@ -305,6 +305,8 @@ def _fit(cfg: TrainConfig, *, resume, explicit_model, extend_epochs, log, on_ste
         ck.atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     # the model that trains: DDP-wrapped under torchrun; `model` stays the bare one that is saved
     train_model = dist.wrap(model, device, find_unused_parameters=bool(cfg.freeze_backbone))
+    if cfg.compile:  # the training forward/backward only; evaluation and checkpoints use the bare model
+        train_model = torch.compile(train_model)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{cfg.task}: {model.cnnkit_name} ({n_params:,} parameters) on {data.source}; device {device}, "
         f"precision {precision.name}, channels_last {channels_last}, {train_loader.num_workers} workers"
