@@ -113,7 +113,6 @@ def _one_thread(one_thread):
     """Every test here on one intra-op thread (conftest.one_thread)."""
 
 
-@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(shapes_dir, tmp_path):
     seed = int(os.environ.get("CNNKIT_CRASH_SEED", time.time_ns() % 100_000))
     rng = random.Random(seed)
