@@ -24,6 +24,7 @@ from typing import Any, Iterable
 import yaml
 
 import cnnkit
+from cnnkit.data.formats.yolo import is_number
 from cnnkit.engine.checkpoint import atomic_write_text
 from cnnkit.errors import DataError, UsageError, WeightsError
 
@@ -271,7 +272,7 @@ def _fmt(v) -> str:
 def _table(header: list[str], rows, cls: str) -> str:
     def cell(v, tag="td"):
         text = str(v)
-        attr = ' class="num"' if tag == "td" and _is_number(text) else ""
+        attr = ' class="num"' if tag == "td" and is_number(text) else ""
         return f"<{tag}{attr}>{html.escape(text)}</{tag}>"
 
     head = "<tr>" + "".join(cell(h, "th") for h in header) + "</tr>"
@@ -279,9 +280,3 @@ def _table(header: list[str], rows, cls: str) -> str:
     return f'<table class="{cls}">{head}{body}</table>'
 
 
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False

@@ -220,7 +220,7 @@ def _parse_labels(label: Path, width: int, height: int, n_classes: int, problems
         try:
             values = [float(f) for f in fields]
         except ValueError:
-            bad = next(f for f in fields if not _is_number(f))
+            bad = next(f for f in fields if not is_number(f))
             problems.report(MALFORMED_LINE, f"{bad!r} is not a number", label, lineno, fix=LINE_FIX)
             continue
         if not values[0].is_integer():
@@ -251,7 +251,8 @@ def _parse_labels(label: Path, width: int, height: int, n_classes: int, problems
     return boxes, classes
 
 
-def _is_number(text: str) -> bool:
+def is_number(text: str) -> bool:
+    """Whether `text` parses as a float (label fields; report table cells)."""
     try:
         float(text)
         return True
