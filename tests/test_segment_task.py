@@ -102,3 +102,30 @@ def test_segment_cli_errors_are_one_line(tiny_scenes, tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1 and "class-weights" in err
     code = main(["train", "segment", "--data", str(tiny_scenes), "--upsample", "cubic"])
     assert code == 2
+
+
+def test_soft_dice_loss_hand_computed():
+    from cnnkit.tasks.segment import soft_dice_loss
+
+    even = torch.zeros(1, 2, 1, 2)  # softmax 0.5 / 0.5 at both pixels
+    # class 0: sum p = 1, sum y = 1, overlap 0.5 -> (2 * 0.5 + 1) / (1 + 1 + 1) = 2/3; class 1 the same
+    assert float(soft_dice_loss(even, torch.tensor([[[0, 1]]]))) == pytest.approx(1 - 2 / 3)
+    # the ignored pixel is left out; class 1 is absent from the truth, so only class 0 counts:
+    # (2 * 0.5 + 1) / (0.5 + 1 + 1) = 0.8
+    assert float(soft_dice_loss(even, torch.tensor([[[0, 255]]]))) == pytest.approx(0.2)
+    sure = torch.tensor([[[[30.0, -30.0]], [[-30.0, 30.0]]]])  # predicts class 0 then class 1, certain
+    assert float(soft_dice_loss(sure, torch.tensor([[[0, 1]]]))) == pytest.approx(0.0, abs=1e-6)
+    assert float(soft_dice_loss(sure, torch.tensor([[[255, 255]]]))) == 0.0  # nothing to score
+
+
+def test_dice_weight_adds_the_dice_term_to_the_loss():
+    from cnnkit.tasks.segment import SegmentTask, soft_dice_loss
+
+    task = SegmentTask()
+    task.configure({"img_size": 8, "dice_weight": 0.5})
+    logits = torch.randn(2, 3, 8, 8)
+    masks = torch.randint(0, 3, (2, 8, 8))
+    loss, parts = task.loss(lambda x: logits, None, masks)
+    expected = torch.nn.functional.cross_entropy(logits, masks) + 0.5 * soft_dice_loss(logits, masks)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert set(parts) == {"ce", "dice"}

@@ -124,6 +124,8 @@ def _add_train_flags(p: argparse.ArgumentParser, defaults) -> None:
         p.add_argument("--output-stride", type=int, choices=(1, 2, 4), default=None,
                        help="unet: stride at which the decoder stops and the class scores are bilinearly "
                        "upsampled to the image (1 = full-resolution decoder; default: the task's)")
+        p.add_argument("--dice-weight", type=NON_NEGATIVE, default=defaults.dice_weight,
+                       help="add this times the soft Dice loss (V-Net) to the cross-entropy (0 = cross-entropy only)")
         p.add_argument("--class-weights", default=defaults.class_weights, help="cross-entropy class weights: "
                        "empty (none), median-frequency, or one number per class, comma-separated")
     p.add_argument("--weights", default=None, help=f"(default: {defaults.weights or 'none'} with the default model, "
@@ -201,7 +203,7 @@ def config_from_args(task: str, args):
                       augment=not args.no_augment, precision=args.precision, channels_last=args.channels_last,
                       device=args.device, workers=args.workers, seed=args.seed, project=args.project,
                       name=args.name, exist_ok=args.exist_ok, on_bad_image=args.on_bad_image,
-                      on_bad_label=args.on_bad_label, class_weights=getattr(args, "class_weights", "") or "",
+                      on_bad_label=args.on_bad_label, class_weights=getattr(args, "class_weights", "") or "", dice_weight=getattr(args, "dice_weight", 0.0),
                       max_steps=args.max_steps, train_subset=args.train_subset, weights=weights, download=args.download,
                       freeze_backbone=args.freeze_backbone, unfreeze_at=args.unfreeze_at, freeze_early=args.freeze_early, compile=args.compile,
                       backbone_lr_scale=args.backbone_lr_scale, progress=not args.no_progress and sys.stderr.isatty(),

@@ -68,6 +68,23 @@ def median_frequency_weights(dataset, num_classes: int, *, max_samples: int = 50
     return [med / float(f) if f > 0 else 0.0 for f in freq]
 
 
+def soft_dice_loss(logits: torch.Tensor, masks: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """1 - the mean soft Dice coefficient 2 sum(p y) / (sum(p) + sum(y)) over the classes present in the
+    batch's truth (Milletari et al. 2016, V-Net), p the softmax probabilities, y the one-hot truth, pixels
+    of `ignore_index` left out; a +1 in numerator and denominator keeps it defined. Unlike cross-entropy it
+    scores each class by its overlap, as IoU does, whatever the class's share of the pixels."""
+    probs = logits.float().softmax(1)
+    valid = (masks != ignore_index).unsqueeze(1)
+    onehot = F.one_hot(torch.where(masks == ignore_index, 0, masks), probs.shape[1]).permute(0, 3, 1, 2)
+    probs, onehot = probs * valid, onehot.float() * valid
+    truth = onehot.sum((0, 2, 3))
+    present = truth > 0
+    if not bool(present.any()):
+        return logits.sum() * 0.0
+    dice = (2 * (probs * onehot).sum((0, 2, 3)) + 1) / (probs.sum((0, 2, 3)) + truth + 1)
+    return 1 - dice[present].mean()
+
+
 class SegmentTask(Task):
     name = "segment"
     fitness = "mIoU"
@@ -75,6 +92,7 @@ class SegmentTask(Task):
 
     def __init__(self):
         self.class_weights: torch.Tensor | None = None
+        self.dice_weight = 0.0
         self.img_size = 0
 
     # -- data ---------------------------------------------------------------------------------
@@ -91,6 +109,8 @@ class SegmentTask(Task):
             weights = median_frequency_weights(d.train, len(d.names))
         if weights is not None:
             meta["class_weights"] = [round(float(w), 6) for w in weights]
+        if getattr(cfg, "dice_weight", 0.0):
+            meta["dice_weight"] = float(cfg.dice_weight)
         self.configure(meta)
         return TaskData(d.train, d.val, list(d.names), collate_fn=segmentation_collate,
                         in_memory=bool(d.in_memory), source=d.source, meta=meta)
@@ -99,6 +119,7 @@ class SegmentTask(Task):
         self.img_size = int(meta.get("img_size", 0) or 0)
         w = meta.get("class_weights")
         self.class_weights = torch.tensor(w, dtype=torch.float32) if w else None
+        self.dice_weight = float(meta.get("dice_weight", 0.0) or 0.0)
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         return images.float() / 255.0
@@ -126,8 +147,13 @@ class SegmentTask(Task):
         return F.cross_entropy(logits.float(), masks, weight=self._weight(logits.device), ignore_index=IGNORE_INDEX)
 
     def loss(self, model, images, targets):
-        loss = self.criterion(model(images), targets)
-        return loss, {}
+        """Cross-entropy, plus `dice_weight` x the soft Dice loss when set (`--dice-weight`)."""
+        logits = model(images)
+        ce = self.criterion(logits, targets)
+        if not self.dice_weight:
+            return ce, {}
+        dice = soft_dice_loss(logits, targets)
+        return ce + self.dice_weight * dice, {"ce": float(ce), "dice": float(dice)}
 
     # -- evaluation -----------------------------------------------------------------------------
     def evaluate(self, model, loader, *, device, precision, names, channels_last=False) -> dict[str, Any]:
