@@ -212,13 +212,18 @@ def config_from_args(task: str, args):
 
 
 def cmd_train(args) -> int:
+    from cnnkit.engine.distributed import is_main
+    from cnnkit.engine.loop import TrainingInterrupted
     from cnnkit.engine.trainer import fit
 
     cfg, explicit = config_from_args(args.task, args)
-    result = fit(cfg, resume=args.resume, explicit_model=explicit,
-                 extend_epochs=args.epochs if args.resume and args.epochs_given else None)
-    from cnnkit.engine.distributed import is_main
-
+    try:
+        result = fit(cfg, resume=args.resume, explicit_model=explicit,
+                     extend_epochs=args.epochs if args.resume and args.epochs_given else None)
+    except TrainingInterrupted as exc:  # SIGINT / SIGTERM: a checkpoint was saved; 130 / 143 as a shell reports it
+        if is_main():
+            print(f"cnnkit: {exc}", file=sys.stderr)
+        return exc.exit_code
     if is_main():  # under torchrun only rank 0 speaks
         print(f"results in {result.run_dir} (best {cfg.task} fitness {result.best_fitness:.4f})")
     return 0
@@ -494,13 +499,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cnnkit: interrupted (the last finished epoch is in weights/last.pt; use --resume)", file=sys.stderr)
         return 130
-    except Exception as exc:
-        loop = sys.modules.get("cnnkit.engine.loop")  # imported only if training ran (the CLI imports lazily)
-        if loop is None or not isinstance(exc, loop.TrainingInterrupted):
-            raise
-        # SIGINT / SIGTERM during training: a checkpoint was saved; 130 / 143 as a shell reports the signal
-        from cnnkit.engine.distributed import is_main
-
-        if is_main():
-            print(f"cnnkit: {exc}", file=sys.stderr)
-        return exc.exit_code
