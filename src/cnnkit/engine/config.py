@@ -48,6 +48,7 @@ class TrainConfig:
     on_bad_image: str = "error"
     on_bad_label: str = "error"
     dice_weight: float = 0.0  # segment: weight of the soft Dice loss added to the cross-entropy
+    copy_paste: float = 0.0  # segment: chance that a training image gets another image's labelled pixels pasted on
     class_weights: str = ""  # segment: "", "median-frequency" or one number per class, comma-separated
     train_subset: int = 0  # train on a stratified subset of this many images (0 = all)
     max_steps: int = 0  # stop after this many optimizer steps in total (0 = no limit); for tests and benchmarks

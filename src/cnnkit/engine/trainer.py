@@ -247,6 +247,10 @@ def _fit(cfg: TrainConfig, *, resume, explicit_model, extend_epochs, log, on_ste
         data = task.build_data(cfg)
     # a resumed run rebuilds the architecture only: its own checkpoint holds the weights
     model = task.build_model(dataclasses.replace(cfg, weights=None) if ckpt is not None else cfg, data).to(device)
+    saved_pre = (ckpt or {}).get("preprocess") or {}
+    if "mean" in saved_pre and "std" in saved_pre:  # the input normalisation the run started with
+        data.meta.update(mean=list(saved_pre["mean"]), std=list(saved_pre["std"]))
+        task.configure(data.meta)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     fp32_depthwise(model, device, precision)

@@ -541,11 +541,18 @@ class UNet(SegmentationNet):
             2 or 4: it stops at the backbone's map of that stride, the class scores are computed
             there and bilinearly upsampled to the image (DeepLabv3+'s decoder, Chen et al. 2018,
             predicts at stride 4): the full-resolution blocks, the costliest per pixel, are left out.
+        aux_loss: add an auxiliary classifier (a 1x1 convolution) on the first decoder block's output (stride 16
+            for the usual backbones): in training mode `forward` returns (scores at the image's size, auxiliary
+            scores at that block's size), and the task adds the auxiliary cross-entropy at weight 0.4, on the
+            scores upsampled to a quarter of the image's size (PSPNet's auxiliary loss,
+            Zhao et al. 2017; deep supervision, Lee et al. 2015): the deep features get a short path to the
+            labels. In eval mode it is skipped and `forward` returns the scores alone.
     """
 
     def __init__(self, backbone: str = "efficientnet_lite0", *, num_classes: int = 21, in_channels: int = 3,
                  img_size: int = 224, width: float = 1.0, upsample: str = "bilinear",
-                 decoder_channels: Sequence[int] = UNET_DECODER_CHANNELS, output_stride: int = 1):
+                 decoder_channels: Sequence[int] = UNET_DECODER_CHANNELS, output_stride: int = 1,
+                 aux_loss: bool = False):
         super().__init__()
         if output_stride not in (1, 2, 4) or isinstance(output_stride, bool):
             raise ModelError(f"output_stride must be 1, 2 or 4, got {output_stride!r}")
@@ -592,6 +599,14 @@ class UNet(SegmentationNet):
         self.head = nn.Conv2d(widths[-1], self.num_classes, 1)
         _init_decoder(self.decoder)
         _init_decoder(self.head)
+        if not isinstance(aux_loss, bool):
+            raise ModelError(f"aux_loss must be True or False, got {aux_loss!r}")
+        self.aux_classifier = None
+        if aux_loss:
+            if len(channels) < 2:
+                raise ModelError("aux_loss needs a decoder block that fuses two levels", fix="drop aux_loss")
+            self.aux_classifier = nn.Conv2d(widths[0], self.num_classes, 1)
+            _init_decoder(self.aux_classifier)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits (N, num_classes, H, W) at the input's size."""
@@ -599,11 +614,16 @@ class UNet(SegmentationNet):
         image = _size(x)
         maps = self.backbone(x)[self.first_level:]
         y = maps[-1]
+        aux = None
         for i in range(len(maps) - 1):
             y = self.decoder[i](y, maps[len(maps) - 2 - i])
+            if i == 0 and self.aux_classifier is not None and self.training:
+                aux = self.aux_classifier(y)
         if self.output_stride == 1:
-            return self.head(self.decoder[-1](y, size=image))
-        return F.interpolate(self.head(y), size=image, mode="bilinear", align_corners=False)
+            out = self.head(self.decoder[-1](y, size=image))
+        else:
+            out = F.interpolate(self.head(y), size=image, mode="bilinear", align_corners=False)
+        return out if aux is None else (out, aux)
 
 
 # --- registry ------------------------------------------------------------------------------------

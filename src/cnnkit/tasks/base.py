@@ -50,9 +50,34 @@ class Task:
         """Metrics on a loader; the dict holds `self.fitness`, plus anything the task wants to draw."""
         raise NotImplementedError
 
+    # input normalisation: (x / 255 - mean) / std per channel; kept in checkpoints as meta["mean"], ["std"]
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+
+    def configure(self, meta: dict[str, Any]) -> None:
+        """Set what prediction needs (preprocessing, geometry) from a checkpoint's `preprocess` entry."""
+        self.configure_normalisation(meta)
+
+    def configure_normalisation(self, meta: dict[str, Any]) -> None:
+        if "mean" in meta and "std" in meta:
+            self.mean, self.std = tuple(meta["mean"]), tuple(meta["std"])
+
+    def adopt_weights_normalisation(self, model: nn.Module, cfg, data: TaskData) -> None:
+        """Pretrained weights bring the input normalisation they were trained with (model.cnnkit_preprocess,
+        e.g. EfficientNet-Lite0's (x - 0.5) / 0.5): store it in data.meta and use it."""
+        pre = getattr(model, "cnnkit_preprocess", None)
+        if not (cfg.weights and pre):
+            return
+        channels = int(data.meta.get("channels", len(pre["mean"])))
+        mean, std = list(pre["mean"]), list(pre["std"])
+        if channels != len(mean):  # grey input into a colour-trained net: the channel average
+            mean, std = [sum(mean) / len(mean)] * channels, [sum(std) / len(std)] * channels
+        data.meta.update(mean=mean, std=std)
+        self.configure(data.meta)
+
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 batch on the device -> the float tensor the model takes."""
-        return images.float() / 255.0
+        """uint8 batch on the device -> the float tensor the model takes: (x / 255 - mean) / std."""
+        return normalise(images, self.mean, self.std)
 
     def draw(self, metrics: dict[str, Any], out_dir, *, names: list[str]):
         """Pictures of a final evaluation (confusion matrix, PR curves ...) written into out_dir."""
@@ -60,6 +85,16 @@ class Task:
 
     def move_targets(self, targets: Any, device: torch.device) -> Any:
         return targets.to(device, non_blocking=True) if isinstance(targets, torch.Tensor) else targets
+
+
+def normalise(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 [N,C,H,W] -> float, (x / 255 - mean) / std per channel."""
+    x = images.float() / 255.0
+    if all(m == 0.0 for m in mean) and all(v == 1.0 for v in std):
+        return x
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s
 
 
 def square_batches(trained, paths, batch_size: int, prepare):

@@ -65,13 +65,6 @@ def eval_transform(img_size: int, crop_pct: float = 1.0):
     return FitTo(img_size, crop_pct)
 
 
-def normalise(images: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 [N,C,H,W] -> float, (x / 255 - mean) / std per channel."""
-    m = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
-    return (images.float() / 255.0 - m) / s
-
-
 def stratified_subset(dataset, n: int) -> torch.utils.data.Subset:
     """The first ceil(n / classes) items of each class (in dataset order), n in all: deterministic."""
     labels = torch.as_tensor(dataset.labels) if hasattr(dataset, "labels") else \
@@ -129,9 +122,6 @@ class ClassifyTask(Task):
         """Set preprocessing from a checkpoint's `preprocess` entry."""
         self.mean, self.std = tuple(meta["mean"]), tuple(meta["std"])
 
-    def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        return normalise(images, self.mean, self.std)
-
     # -- model and loss -------------------------------------------------------------------------
     def build_model(self, cfg, data: TaskData):
         from cnnkit.models import build_model
@@ -140,14 +130,7 @@ class ClassifyTask(Task):
         if cfg.weights:
             kwargs.update(weights=cfg.weights, download=cfg.download)
         model = build_model(cfg.model, **kwargs)
-        pre = getattr(model, "cnnkit_preprocess", None)
-        if cfg.weights and pre:  # pretrained weights bring their own input normalisation
-            channels = data.meta["channels"]
-            mean, std = list(pre["mean"]), list(pre["std"])
-            if channels != len(mean):  # grey input into a colour-trained net: the channel average
-                mean, std = [sum(mean) / len(mean)] * channels, [sum(std) / len(std)] * channels
-            data.meta.update(mean=mean, std=std)
-            self.configure(data.meta)
+        self.adopt_weights_normalisation(model, cfg, data)
         return model
 
     def loss(self, model, images, targets):

@@ -67,10 +67,8 @@ class DetectTask(Task):
                         in_memory=bool(getattr(d, "in_memory", True)), source=d.source, meta=meta, skipped=skipped)
 
     def configure(self, meta: dict[str, Any]) -> None:
+        self.configure_normalisation(meta)
         self.geometry = {k: int(meta[k]) for k in ("S", "B", "img_size") if k in meta}
-
-    def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        return images.float() / 255.0
 
     def move_targets(self, targets, device):
         return [{"boxes": t["boxes"].as_subclass(torch.Tensor).to(device).float(), "labels": t["labels"].to(device)}
@@ -86,6 +84,7 @@ class DetectTask(Task):
         model = build_model(cfg.model, **kwargs)
         data.meta.update(S=int(model.S), B=int(model.B), img_size=int(model.img_size))
         self.configure(data.meta)
+        self.adopt_weights_normalisation(model, cfg, data)
         return model
 
     def _shape(self, model) -> dict[str, int]:

@@ -23,6 +23,7 @@ from cnnkit.tasks.base import Task, TaskData, square_batches
 
 IGNORE_INDEX = 255
 MEDIAN_FREQUENCY = "median-frequency"
+AUX_WEIGHT = 0.4  # the auxiliary classifier's cross-entropy (models built with aux_loss), PSPNet's weight
 
 
 def parse_class_weights(spec, num_classes: int) -> list[float] | str | None:
@@ -74,15 +75,53 @@ def soft_dice_loss(logits: torch.Tensor, masks: torch.Tensor, ignore_index: int 
     of `ignore_index` left out; a +1 in numerator and denominator keeps it defined. Unlike cross-entropy it
     scores each class by its overlap, as IoU does, whatever the class's share of the pixels."""
     probs = logits.float().softmax(1)
-    valid = (masks != ignore_index).unsqueeze(1)
-    onehot = F.one_hot(torch.where(masks == ignore_index, 0, masks), probs.shape[1]).permute(0, 3, 1, 2)
-    probs, onehot = probs * valid, onehot.float() * valid
-    truth = onehot.sum((0, 2, 3))
+    n_cls = probs.shape[1]
+    valid = masks != ignore_index
+    labels = torch.where(valid, masks, 0)
+    # per class: sum of p over the valid pixels, sum of y (pixel count), sum of p y (p at the true class),
+    # the last two by index_add / bincount over the labels rather than a one-hot tensor of the logits' size
+    p_sum = (probs * valid.unsqueeze(1)).sum((0, 2, 3))
+    p_true = probs.gather(1, labels.unsqueeze(1)).squeeze(1)[valid]
+    labels = labels[valid]
+    truth = torch.bincount(labels, minlength=n_cls)[:n_cls].to(probs.dtype)
     present = truth > 0
     if not bool(present.any()):
         return logits.sum() * 0.0
-    dice = (2 * (probs * onehot).sum((0, 2, 3)) + 1) / (probs.sum((0, 2, 3)) + truth + 1)
+    overlap = torch.zeros(n_cls, dtype=probs.dtype, device=probs.device).index_add_(0, labels, p_true)
+    dice = (2 * overlap + 1) / (p_sum + truth + 1)
     return 1 - dice[present].mean()
+
+
+def copy_paste(images: torch.Tensor, masks: torch.Tensor, p: float, *, background: int = 0,
+               ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copy-paste augmentation (Ghiasi et al. 2021, "Simple Copy-Paste is a Strong Data Augmentation Method
+    for Instance Segmentation", CVPR) for semantic masks, within a batch: with probability p, image i gets the
+    labelled pixels (class not `background`, not `ignore_index`) of image i - 1 of the batch, mirrored left to
+    right, pasted over it; its mask takes their classes, so what they cover is gone from it, as an occluded
+    object is. More objects per image for the same compute. Needs a batch of at least 2."""
+    n = images.shape[0]
+    if n < 2 or p <= 0:
+        return images, masks
+    pick = torch.rand(n, device=images.device) < p
+    if not bool(pick.any()):
+        return images, masks
+    src_images, src_masks = images.roll(1, 0).flip(-1), masks.roll(1, 0).flip(-1)
+    paste = (src_masks != background) & (src_masks != ignore_index) & pick.view(-1, 1, 1)
+    out = torch.where(paste.unsqueeze(1), src_images, images)
+    if images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous():
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out, torch.where(paste, src_masks, masks)
+
+
+def aux_scores_and_truth(aux: torch.Tensor, masks: torch.Tensor, stride: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """The auxiliary classifier's coarse scores, bilinearly upsampled to 1/`stride` of the masks' size, and the
+    masks sampled there (nearest: each coarse pixel takes the class at its centre; 255 stays 255). The deep
+    features need the class of each region, not its exact edge, and the cross-entropy costs 1/stride^2."""
+    h, w = masks.shape[-2:]
+    size = (max(1, -(-h // stride)), max(1, -(-w // stride)))
+    scores = F.interpolate(aux, size=size, mode="bilinear", align_corners=False)
+    truth = F.interpolate(masks[:, None].float(), size=size, mode="nearest")[:, 0].long()
+    return scores, truth
 
 
 class SegmentTask(Task):
@@ -93,6 +132,7 @@ class SegmentTask(Task):
     def __init__(self):
         self.class_weights: torch.Tensor | None = None
         self.dice_weight = 0.0
+        self.copy_paste = 0.0
         self.img_size = 0
 
     # -- data ---------------------------------------------------------------------------------
@@ -101,6 +141,7 @@ class SegmentTask(Task):
                                               segment_train_transform, segmentation_collate)
 
         d = load_segmentation_data(cfg.data)
+        self.copy_paste = float(getattr(cfg, "copy_paste", 0.0) or 0.0) if cfg.augment else 0.0
         d.train.transform = segment_train_transform(cfg.img_size, cfg.augment)
         d.val.transform = segment_eval_transform(cfg.img_size)
         meta = {"img_size": cfg.img_size, "channels": 3, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
@@ -116,13 +157,11 @@ class SegmentTask(Task):
                         in_memory=bool(d.in_memory), source=d.source, meta=meta)
 
     def configure(self, meta: dict[str, Any]) -> None:
+        self.configure_normalisation(meta)
         self.img_size = int(meta.get("img_size", 0) or 0)
         w = meta.get("class_weights")
         self.class_weights = torch.tensor(w, dtype=torch.float32) if w else None
         self.dice_weight = float(meta.get("dice_weight", 0.0) or 0.0)
-
-    def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        return images.float() / 255.0
 
     # -- model and loss -------------------------------------------------------------------------
     def build_model(self, cfg, data: TaskData):
@@ -131,7 +170,9 @@ class SegmentTask(Task):
         kwargs = dict(num_classes=len(data.names), img_size=cfg.img_size, **cfg.model_kwargs)
         if cfg.weights:
             kwargs.update(weights=cfg.weights, download=cfg.download)
-        return build_model(cfg.model, **kwargs)
+        model = build_model(cfg.model, **kwargs)
+        self.adopt_weights_normalisation(model, cfg, data)
+        return model
 
     def _weight(self, device) -> torch.Tensor | None:
         if self.class_weights is None:
@@ -147,13 +188,25 @@ class SegmentTask(Task):
         return F.cross_entropy(logits.float(), masks, weight=self._weight(logits.device), ignore_index=IGNORE_INDEX)
 
     def loss(self, model, images, targets):
-        """Cross-entropy, plus `dice_weight` x the soft Dice loss when set (`--dice-weight`)."""
+        """Cross-entropy, plus `dice_weight` x the soft Dice loss when set (`--dice-weight`); in training, first
+        `copy_paste` (`--copy-paste`)."""
+        if self.copy_paste and model.training:
+            images, targets = copy_paste(images, targets, self.copy_paste)
         logits = model(images)
-        ce = self.criterion(logits, targets)
-        if not self.dice_weight:
-            return ce, {}
-        dice = soft_dice_loss(logits, targets)
-        return ce + self.dice_weight * dice, {"ce": float(ce), "dice": float(dice)}
+        parts: dict[str, float] = {}
+        aux = None
+        if isinstance(logits, tuple):  # a model built with aux_loss, in training mode: (scores, auxiliary scores)
+            logits, aux = logits
+        loss = ce = self.criterion(logits, targets)
+        if aux is not None:
+            aux_ce = self.criterion(*aux_scores_and_truth(aux, targets))
+            loss = loss + AUX_WEIGHT * aux_ce
+            parts.update(ce=float(ce.detach()), aux_ce=float(aux_ce.detach()))
+        if self.dice_weight:
+            dice = soft_dice_loss(logits, targets)
+            loss = loss + self.dice_weight * dice
+            parts.update(ce=float(ce.detach()), dice=float(dice.detach()))
+        return loss, parts
 
     # -- evaluation -----------------------------------------------------------------------------
     def evaluate(self, model, loader, *, device, precision, names, channels_last=False) -> dict[str, Any]:
