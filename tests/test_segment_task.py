@@ -243,3 +243,20 @@ def test_pretrained_backbone_brings_its_input_normalisation(tiny_scenes, tmp_pat
     finally:
         T.loss = original
     assert seen["mean"] == (0.5, 0.5, 0.5)
+
+
+def test_input_norm_unit_keeps_x_over_255_and_bad_values_are_refused():
+    from cnnkit.engine.config import TrainConfig
+    from cnnkit.tasks.base import TaskData
+
+    assert TrainConfig.for_task("detect").input_norm == "unit"  # measured better for the detector
+    assert TrainConfig.for_task("segment").input_norm == "weights"
+    model = torch.nn.Identity()
+    model.cnnkit_preprocess = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    for how, mean in (("unit", (0.0, 0.0, 0.0)), ("weights", (0.5, 0.5, 0.5))):
+        task = SegmentTask()
+        data = TaskData(None, None, ["a"], meta={"channels": 3, "mean": [0.0] * 3, "std": [1.0] * 3})
+        task.adopt_weights_normalisation(model, TrainConfig(weights="imagenet", input_norm=how), data)
+        assert task.mean == mean and tuple(data.meta["mean"]) == mean
+    with pytest.raises(UsageError):
+        task.adopt_weights_normalisation(model, TrainConfig(weights="imagenet", input_norm="imagenet"), data)

@@ -139,6 +139,9 @@ def _add_train_flags(p: argparse.ArgumentParser, defaults) -> None:
                    "`cnnkit weights list`), a torchvision weight name such as VGG16_Weights.IMAGENET1K_V1, or a "
                    ".pt/.pth/.safetensors file; none = random initialisation")
     p.add_argument("--download", action="store_true", help="allow downloading torchvision weights into TORCH_HOME")
+    p.add_argument("--input-norm", choices=("weights", "unit"), default=defaults.input_norm,
+                   help="input scaling with pretrained weights: weights = their own mean / std (EfficientNet-Lite0: "
+                   "(x - 0.5) / 0.5), unit = x / 255 in [0, 1] (the detect default, measured better there)")
     p.add_argument("--freeze-backbone", action="store_true", help="train only the head; the backbone's BatchNorm stays in eval mode")
     p.add_argument("--unfreeze-at", type=COUNT, default=defaults.unfreeze_at, help="1-based epoch at which a frozen backbone starts training (0 = never)")
     p.add_argument("--freeze-early", type=int, choices=(0, 2, 4, 8, 16), default=defaults.freeze_early,
@@ -210,7 +213,7 @@ def config_from_args(task: str, args):
                       device=args.device, workers=args.workers, seed=args.seed, project=args.project,
                       name=args.name, exist_ok=args.exist_ok, on_bad_image=args.on_bad_image,
                       on_bad_label=args.on_bad_label, class_weights=getattr(args, "class_weights", "") or "", dice_weight=getattr(args, "dice_weight", 0.0),
-                      copy_paste=getattr(args, "copy_paste", 0.0),
+                      copy_paste=getattr(args, "copy_paste", 0.0), input_norm=args.input_norm,
                       max_steps=args.max_steps, train_subset=args.train_subset, weights=weights, download=args.download,
                       freeze_backbone=args.freeze_backbone, unfreeze_at=args.unfreeze_at, freeze_early=args.freeze_early, compile=args.compile,
                       backbone_lr_scale=args.backbone_lr_scale, progress=not args.no_progress and sys.stderr.isatty(),

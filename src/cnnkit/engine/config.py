@@ -14,6 +14,7 @@ class TrainConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     weights: str | None = None  # initial weights: "imagenet", a torchvision weight name, or a file
     download: bool = False  # allow downloading torchvision weights
+    input_norm: str = "weights"  # "weights": (x - mean) / std of the pretrained weights; "unit": x / 255, in [0, 1]
     freeze_backbone: bool = False
     unfreeze_at: int = 0  # 1-based epoch at which a frozen backbone trains again (0 = never)
     compile: bool = False  # torch.compile the training model (inductor)

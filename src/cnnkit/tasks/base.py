@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
+from cnnkit.errors import UsageError
+
 
 @dataclass
 class TaskData:
@@ -64,9 +66,13 @@ class Task:
 
     def adopt_weights_normalisation(self, model: nn.Module, cfg, data: TaskData) -> None:
         """Pretrained weights bring the input normalisation they were trained with (model.cnnkit_preprocess,
-        e.g. EfficientNet-Lite0's (x - 0.5) / 0.5): store it in data.meta and use it."""
+        e.g. EfficientNet-Lite0's (x - 0.5) / 0.5): store it in data.meta and use it. `cfg.input_norm == "unit"`
+        keeps x / 255 (the task's own meta) instead."""
+        how = getattr(cfg, "input_norm", "weights")
+        if how not in ("weights", "unit"):
+            raise UsageError(f"input_norm must be 'weights' or 'unit', got {how!r}", fix="--input-norm weights")
         pre = getattr(model, "cnnkit_preprocess", None)
-        if not (cfg.weights and pre):
+        if not (cfg.weights and pre) or how == "unit":
             return
         channels = int(data.meta.get("channels", len(pre["mean"])))
         mean, std = list(pre["mean"]), list(pre["std"])
