@@ -118,10 +118,6 @@ class ClassifyTask(Task):
         return TaskData(train, d.val, list(d.names), in_memory=bool(getattr(d, "in_memory", True)),
                         source=source, meta=meta, skipped=list(d.skipped))
 
-    def configure(self, meta: dict[str, Any]) -> None:
-        """Set preprocessing from a checkpoint's `preprocess` entry."""
-        self.mean, self.std = tuple(meta["mean"]), tuple(meta["std"])
-
     # -- model and loss -------------------------------------------------------------------------
     def build_model(self, cfg, data: TaskData):
         from cnnkit.models import build_model
