@@ -1,11 +1,50 @@
-"""Shared fixtures: a small real ImageFolder dataset of drawn shapes."""
+"""Shared fixtures: a small real ImageFolder dataset of drawn shapes; a random seed that is printed and
+replayed (`CNNKIT_TEST_SEED=N`); a private cache folder for the layout/precision probe."""
 
 from __future__ import annotations
+
+import os
+import time
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+SEED_VARIABLE = "CNNKIT_TEST_SEED"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """The suite measures layouts into a cache folder of its own (subprocesses inherit it), so that a
+    run of the suite neither reads nor writes the user's ~/.cache/cnnkit."""
+    before = os.environ.get("CNNKIT_CACHE")
+    os.environ["CNNKIT_CACHE"] = str(tmp_path_factory.mktemp("cnnkit_cache"))
+    yield
+    if before is None:
+        os.environ.pop("CNNKIT_CACHE", None)
+    else:
+        os.environ["CNNKIT_CACHE"] = before
+
+
+@pytest.fixture
+def random_seed(request) -> int:
+    """A seed drawn afresh each run, or the one in $CNNKIT_TEST_SEED; printed at the start and named in
+    the failure report with the command that replays it."""
+    given = os.environ.get(SEED_VARIABLE)
+    seed = int(given) if given else time.time_ns() % 100_000
+    request.node.cnnkit_seed = seed
+    print(f"random seed {seed} (replay: {SEED_VARIABLE}={seed} python -m pytest '{request.node.nodeid}')")
+    return seed
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    seed = getattr(item, "cnnkit_seed", None)
+    if seed is not None and report.failed:
+        report.sections.append(("random seed", f"{SEED_VARIABLE}={seed} python -m pytest '{item.nodeid}' replays it"))
 
 CLASSES = ("circle", "square", "stripes", "dots")
 

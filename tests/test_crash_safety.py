@@ -113,8 +113,8 @@ def _one_thread(one_thread):
     """Every test here on one intra-op thread (conftest.one_thread)."""
 
 
-def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(shapes_dir, tmp_path):
-    seed = int(os.environ.get("CNNKIT_CRASH_SEED", time.time_ns() % 100_000))
+def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(shapes_dir, tmp_path, random_seed):
+    seed = random_seed  # CNNKIT_TEST_SEED replays the delays
     rng = random.Random(seed)
     project = tmp_path / "runs"
     reference = _start(_argv(shapes_dir, project, "reference"))  # runs alongside the killed one
@@ -233,3 +233,52 @@ def test_sigterm_then_sigint_on_the_command_line(shapes_dir, tmp_path):
     assert proc.returncode == 0, err
     rows = _rows(run)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+
+
+_KILL_BETWEEN_WRITES = """
+import os, signal, sys
+from cnnkit.engine import checkpoint as ck
+from cnnkit.cli import main
+
+target = int(sys.argv[1])
+save = ck.save_checkpoint
+
+def save_then_die(path, state):
+    save(path, state)
+    if state.get("epoch") == target and not state.get("step"):
+        os.kill(os.getpid(), signal.SIGKILL)  # after the first of the epoch's two checkpoint writes
+
+ck.save_checkpoint = save_then_die
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_kill_between_the_best_and_last_writes_loses_nothing(shapes_dir, tmp_path):
+    """An epoch that improves the fitness writes two checkpoints; SIGKILL right after the first of them.
+    The resumed run must end with the uninterrupted run's best.pt and last.pt (a last.pt written first
+    would already count that epoch as saved, and its best.pt would be lost for good)."""
+    project = tmp_path / "runs"
+    # a model that learns here: the fitness improves at most epochs (each improvement writes best.pt)
+    faster = ["--width", "0.25", "--lr", "0.05", "--warmup-epochs", "0"]
+    ref = _start(_argv(shapes_dir, project, "reference", epochs=6) + faster)
+    _, err = ref.communicate(timeout=300)
+    assert ref.returncode == 0, err[-3000:]
+    ref_run = project / "classify" / "reference"
+    best_epoch = ck.load_checkpoint(ref_run / "weights" / "best.pt")["epoch"]
+    assert best_epoch >= 1, "the reference run must improve after its first epoch for this test to mean anything"
+
+    run = project / "classify" / "killed"
+    argv = _argv(shapes_dir, project, "killed", epochs=6) + faster
+    proc = subprocess.run([sys.executable, "-c", _KILL_BETWEEN_WRITES, str(best_epoch), *argv], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    _check_every_file(run, epochs=6)
+    last = run / "weights" / "last.pt"
+    assert ck.load_checkpoint(last)["epoch"] == best_epoch - 1  # the killed epoch is not recorded as saved
+    resumed = _start(argv + ["--resume", str(last)])
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    _assert_same_weights(run / "weights" / "best.pt", ref_run / "weights" / "best.pt")
+    _assert_same_weights(run / "weights" / "last.pt", ref_run / "weights" / "last.pt")
+    assert ck.load_checkpoint(run / "weights" / "best.pt")["epoch"] == best_epoch
+    assert _rows(run) == _rows(ref_run)

@@ -21,7 +21,8 @@ class TrainConfig:
     freeze_early: int = 0  # keep the backbone layers at stride <= this frozen all run (0 = none)
     backbone_lr_scale: float = 1.0
     data: str = "fashion-mnist"
-    epochs: int = 10
+    epochs: int = 10  # with `time`: the most epochs (0 = as many as the budget allows)
+    time: float = 0.0  # minutes: train to this time budget (0 = no budget; cnnkit.engine.budget)
     batch_size: int = 64  # global: split evenly over the processes under torchrun
     img_size: int = 32
     optimizer: str = "sgd"

@@ -1,7 +1,9 @@
 """Device, precision and memory-format choices, made once per run.
 
-`--precision auto` uses bf16 autocast on a CPU whose oneDNN supports bf16 (AVX512-BF16 / AMX), bf16
-on CUDA devices that support it (fp16 with a gradient scaler otherwise), and fp32 elsewhere.
+On a CPU, `--precision auto` and `--channels-last auto` are decided by measurement
+(`cnnkit.engine.probe`): bf16 is a candidate where oneDNN supports it (AVX512-BF16 / AMX; with
+ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 it is not). On CUDA, auto is bf16 where supported
+(fp16 with a gradient scaler otherwise) and channels_last; `resolve_precision("auto")` states that rule.
 """
 
 from __future__ import annotations
@@ -70,15 +72,6 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
         raise UsageError("fp16 autocast is for CUDA", fix="use --precision bf16 or fp32 on a CPU")
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
     return Precision(name, dtype, device.type)
-
-
-def use_channels_last(setting: str | bool, device: torch.device, precision: Precision) -> bool:
-    """channels_last pays with oneDNN bf16 on CPU and with tensor cores on CUDA."""
-    if isinstance(setting, bool):
-        return setting
-    if setting == "auto":
-        return device.type == "cuda" or precision.dtype is not None
-    return setting in ("1", "true", "yes", "on")
 
 
 def auto_workers(in_memory: bool, device: torch.device | None = None) -> int:

@@ -10,7 +10,7 @@ import torch
 
 from cnnkit.engine import checkpoint as ck
 from cnnkit.engine.config import TrainConfig
-from cnnkit.engine.device import Precision, fp32_depthwise, resolve_device, resolve_precision, use_channels_last
+from cnnkit.engine.device import Precision, fp32_depthwise, resolve_device
 from cnnkit.errors import DataError, WeightsError
 
 
@@ -29,9 +29,12 @@ class Trained:
         return int(self.ckpt.get("preprocess", {}).get("img_size", 224))
 
 
-def load_trained(weights: str | Path, *, device: str = "auto", precision: str = "auto") -> Trained:
+def load_trained(weights: str | Path, *, device: str = "auto", precision: str = "auto",
+                 channels_last: str = "auto", batch_size: int = 32, log=None) -> Trained:
     """Rebuild the model a cnnkit checkpoint describes and load its (EMA, if any) weights.
-    An .onnx file written by `cnnkit export` runs through onnxruntime (fp32; `precision` unused)."""
+    An .onnx file written by `cnnkit export` runs through onnxruntime (fp32; `precision` unused).
+    `precision` / `channels_last` "auto" are measured on this CPU for batches of `batch_size`
+    (`cnnkit.engine.probe`); `log` gets one line saying what was chosen."""
     from cnnkit.models import build_model
     from cnnkit.tasks import get_task
 
@@ -52,20 +55,40 @@ def load_trained(weights: str | Path, *, device: str = "auto", precision: str = 
     except RuntimeError as exc:
         raise WeightsError(f"weights do not fit {ckpt['model']['name']}: {str(exc).splitlines()[0]}",
                            path=str(weights)) from None
-    model, dev, prec, cl = _place(model, device, precision)
+    pre = ckpt.get("preprocess", {})
+    size = int(pre.get("img_size", 224))
+    shape = (min(batch_size, 32), int(pre.get("channels", 3)), size, size)  # batch 32 at most: a short probe
+    model, dev, prec, cl = _place(model, task, device, precision, channels_last, shape, log)
     return Trained(task, model, ckpt, list(ckpt["names"]), dev, prec, cl)
 
 
-def _place(model: torch.nn.Module, device: str, precision: str):
-    """Move a model for inference: device, precision and memory format chosen as for training."""
+def _place(model: torch.nn.Module, task, device: str, precision: str, channels_last: str, shape: tuple, log):
+    """Move a model for inference: device, then precision and memory format forced or measured on
+    forward passes of `shape` (batch, channels, height, width) as `cnnkit.engine.probe` does."""
+    from cnnkit.engine.loop import to_device
+    from cnnkit.engine.probe import choose, model_id
+
     dev = resolve_device(device)
-    prec = resolve_precision(precision, dev)
-    cl = use_channels_last("auto", dev, prec)
     model = model.to(dev).eval()
-    if cl:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
+
+    def step(m, prec, cl):
+        with torch.inference_mode(), prec.autocast():
+            m(to_device(images, task, dev, cl))
+
+    choice = choose(model, device=dev, precision=precision, channels_last=channels_last,
+                    model_id=model_id(model, "inference"), shape=shape, step=step, kind="infer", log=log or _quiet)
+    if log is not None:
+        log(f"inference on {dev}: {choice.describe()}")
+    if choice.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    fp32_depthwise(model, dev, prec)
-    return model, dev, prec, cl
+    fp32_depthwise(model, dev, choice.precision)
+    return model, dev, choice.precision, choice.channels_last
+
+
+def _quiet(*args, **kwargs) -> None:
+    """No log."""
 
 
 def load_pretrained(model: str, weights: str, *, download: bool = False, device: str = "auto",
@@ -88,20 +111,22 @@ def load_pretrained(model: str, weights: str, *, download: bool = False, device:
     pre.setdefault("channels", getattr(net, "in_channels", 3))
     task = get_task("classify")
     task.configure(pre)
-    net, dev, prec, cl = _place(net, device, precision)
+    shape = (32, int(pre["channels"]), int(pre["img_size"]), int(pre["img_size"]))
+    net, dev, prec, cl = _place(net, task, device, precision, "auto", shape, log)
     ckpt = {"task": "classify", "model": {"name": net.cnnkit_name, "kwargs": dict(net.cnnkit_kwargs)},
             "names": names, "preprocess": pre}
     return Trained(task, net, ckpt, names, dev, prec, cl)
 
 
 def validate(weights: str | Path, *, data: str | None = None, batch_size: int = 128, device: str = "auto",
-             precision: str = "auto", workers: int = -1, out_dir: str | Path | None = None,
-             log=print) -> dict[str, Any]:
+             precision: str = "auto", channels_last: str = "auto", workers: int = -1,
+             out_dir: str | Path | None = None, log=print) -> dict[str, Any]:
     """Evaluate a checkpoint on its own validation split or on `data`; draws into out_dir."""
     from cnnkit.engine.loop import evaluate
     from cnnkit.engine.trainer import make_loader
 
-    t = load_trained(weights, device=device, precision=precision)
+    t = load_trained(weights, device=device, precision=precision, channels_last=channels_last,
+                     batch_size=batch_size, log=log)
     saved = dict(t.ckpt.get("config", {}))
     cfg = TrainConfig.from_dict({**saved, "data": data or saved.get("data"), "augment": False,
                                  "batch_size": batch_size, "workers": workers})

@@ -74,10 +74,33 @@ def lr_factor(it: int, *, total_iters: int, warmup_iters: int, schedule: str, it
     raise UsageError(f"unknown schedule {schedule!r}", fix=f"choose one of {', '.join(SCHEDULES)}")
 
 
+class Schedule:
+    """`lr_factor` with its settings as plain attributes: LambdaLR saves and restores them with its
+    state_dict, so a schedule fitted to a time budget (`refit`) resumes as it was."""
+
+    def __init__(self, **kwargs):
+        lr_factor(0, **kwargs)  # validates the schedule name before training starts
+        self.__dict__.update(kwargs)
+        self.steps = list(self.__dict__.get("steps", ()))
+
+    def __call__(self, it: int) -> float:
+        return lr_factor(it, **self.__dict__)
+
+    def refit(self, total_iters: int, steps: Sequence[int] | None = None) -> None:
+        """Stretch or shrink the schedule to end at `total_iters` (the warm-up keeps its length)."""
+        self.total_iters = int(total_iters)
+        if steps is not None:
+            self.steps = list(steps)
+
+
+def default_steps(epochs: int) -> list[int]:
+    """The step schedule's decay epochs when none are given: at 55% and 80% of training."""
+    return [max(1, round(0.55 * epochs)), max(1, round(0.8 * epochs))]
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, **kwargs) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR stepped once per iteration; `kwargs` are those of `lr_factor`."""
-    lr_factor(0, **kwargs)  # validates the schedule name before training starts
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, **kwargs))
+    """A LambdaLR stepped once per iteration, driven by a `Schedule`; `kwargs` are those of `lr_factor`."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, Schedule(**kwargs))
 
 
 class ModelEMA:

@@ -23,10 +23,12 @@ import cnnkit
 from cnnkit.engine import checkpoint as ck
 from cnnkit.engine import distributed as dist
 from cnnkit.engine.config import TrainConfig
-from cnnkit.engine.finetune import backbone_parameters, freeze_early, is_frozen_at, set_backbone_frozen
-from cnnkit.engine.device import auto_workers, fp32_depthwise, resolve_device, resolve_precision, use_channels_last
-from cnnkit.engine.loop import DivergedError, StopRequest, TrainingInterrupted, evaluate, train_one_epoch
-from cnnkit.engine.optim import ModelEMA, build_optimizer, build_scheduler, parameter_groups
+from cnnkit.engine.finetune import backbone_parameters, freeze_early, is_frozen_at, set_backbone_frozen, train_mode
+from cnnkit.engine.budget import PLAN_AFTER_STEPS, Budget, BudgetPlan, check_minutes
+from cnnkit.engine.device import auto_workers, fp32_depthwise, resolve_device
+from cnnkit.engine.probe import Choice, choose, model_id
+from cnnkit.engine.loop import DivergedError, StopRequest, TrainingInterrupted, evaluate, to_device, train_one_epoch
+from cnnkit.engine.optim import ModelEMA, build_optimizer, build_scheduler, default_steps, parameter_groups
 from cnnkit.errors import UsageError, WeightsError
 
 
@@ -194,6 +196,41 @@ def _save_if_finite(path: Path, state: dict[str, Any], where: str) -> None:
     ck.save_checkpoint(path, state)
 
 
+def choose_training_settings(cfg: TrainConfig, task, model, data, device: torch.device, batch: int, log) -> Choice:
+    """Precision and memory layout of the run: forced by --precision / --channels-last, else measured on
+    this model at this batch and input size (`cnnkit.engine.probe`); rank 0 measures, every process uses it."""
+    def step(m, precision, channels_last):
+        train_mode(m)
+        images, targets = probe_batch
+        with precision.autocast():
+            loss, _ = task.loss(m, to_device(images, task, device, channels_last), task.move_targets(targets, device))
+        loss.backward()
+        for p in m.parameters():
+            p.grad = None
+
+    choice = None
+    if dist.is_main():
+        n = min(batch, len(data.train))
+        shape = (batch, *_sample_shape(data.train[0]))
+        probe_batch = None
+
+        def lazy_step(m, precision, channels_last):  # the batch is read only when a measurement is needed
+            nonlocal probe_batch
+            if probe_batch is None:
+                collate = data.collate_fn or torch.utils.data.default_collate
+                probe_batch = collate([data.train[i] for i in range(n)])
+            step(m, precision, channels_last)
+
+        choice = choose(model, device=device, precision=cfg.precision, channels_last=cfg.channels_last,
+                        model_id=model_id(model, cfg.task), shape=shape, step=lazy_step, kind="train", log=log)
+    return dist.broadcast_object(choice)
+
+
+def _sample_shape(sample) -> tuple:
+    image = sample[0] if isinstance(sample, (tuple, list)) else sample
+    return tuple(getattr(image, "shape", ()))
+
+
 def _silent(*args, **kwargs) -> None:
     """The log of every process but rank 0."""
 
@@ -236,10 +273,12 @@ def _fit(cfg: TrainConfig, *, resume, explicit_model, extend_epochs, log, on_ste
     run_dir = dist.broadcast_object(run_dir)  # rank 0 chose the (numbered) folder
     if not dist.is_main():
         log = _silent
-    precision = resolve_precision(cfg.precision, device)
-    channels_last = use_channels_last(cfg.channels_last, device, precision)
-    if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise UsageError("--epochs and --batch-size must be at least 1")
+    if cfg.time:
+        check_minutes(cfg.time)
+    if (cfg.epochs < 1 and not cfg.time) or cfg.epochs < 0 or cfg.batch_size < 1:
+        raise UsageError("--epochs and --batch-size must be at least 1 (--epochs 0 only with --time)")
+    budget = Budget(cfg.time * 60, used_before=float((ckpt or {}).get("time_used_s") or 0.0),
+                    max_epochs=cfg.epochs) if cfg.time else None
     batch = dist.per_process_batch(cfg.batch_size)
     ck.seed_everything(cfg.seed)  # the same initial weights in every process (DDP broadcasts rank 0's anyway)
 
@@ -251,14 +290,16 @@ def _fit(cfg: TrainConfig, *, resume, explicit_model, extend_epochs, log, on_ste
     if "mean" in saved_pre and "std" in saved_pre:  # the input normalisation the run started with
         data.meta.update(mean=list(saved_pre["mean"]), std=list(saved_pre["std"]))
         task.configure(data.meta)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    fp32_depthwise(model, device, precision)
     if cfg.sync_bn:
         model = dist.convert_sync_batchnorm(model, device)
     if cfg.freeze_early:
         n_early = freeze_early(model, cfg.freeze_early)
         log(f"backbone layers at stride <= {cfg.freeze_early} kept frozen ({n_early} tensors)")
+    choice = choose_training_settings(cfg, task, model, data, device, batch, log)
+    precision, channels_last = choice.precision, choice.channels_last
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    fp32_depthwise(model, device, precision)
     ck.seed_everything(cfg.seed + dist.rank())  # augmentation: a stream of its own in each process
     train_loader = make_loader(data.train, cfg, shuffle=True, collate_fn=data.collate_fn, in_memory=data.in_memory,
                                device=device, batch_size=batch, sampler=dist.train_sampler(data.train, cfg.seed))
@@ -269,8 +310,11 @@ def _fit(cfg: TrainConfig, *, resume, explicit_model, extend_epochs, log, on_ste
                               backbone_lr_scale=cfg.backbone_lr_scale)
     optimizer = build_optimizer(groups, cfg.optimizer, cfg.lr, cfg.momentum)
     iters = len(train_loader)
-    total = cfg.epochs * iters  # --max-steps stops early without changing the schedule
-    steps = list(cfg.steps) or [max(1, round(0.55 * cfg.epochs)), max(1, round(0.8 * cfg.epochs))]
+    # the epochs of this run: --epochs, or what a resumed --time run planned (a fresh one plans after its first steps)
+    planned = 0 if extend_epochs else int((ckpt or {}).get("planned_epochs") or 0)
+    epochs = planned or cfg.epochs or (1000 if budget else 1)  # a budget's provisional: a flat lr until it plans
+    total = epochs * iters  # --max-steps stops early without changing the schedule
+    steps = list(cfg.steps) or default_steps(epochs)
     scheduler = build_scheduler(optimizer, total_iters=total, warmup_iters=int(cfg.warmup_epochs * iters),
                                 schedule=cfg.schedule, iters_per_epoch=iters, steps=steps, gamma=cfg.gamma)
     scaler = torch.amp.GradScaler(device.type) if precision.needs_scaler else None
@@ -302,7 +346,7 @@ def _fit(cfg: TrainConfig, *, resume, explicit_model, extend_epochs, log, on_ste
             resume_rng = None
         if dist.is_main():
             _remove_stale_temp_files(run_dir)
-        log(f"resuming {run_dir} at epoch {start_epoch + 1}/{cfg.epochs}"
+        log(f"resuming {run_dir} at epoch {start_epoch + 1}/{epochs}"
             + (f", step {start_step + 1}/{iters}" if start_step else ""))
     elif dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=cfg.exist_ok)
@@ -313,7 +357,10 @@ def _fit(cfg: TrainConfig, *, resume, explicit_model, extend_epochs, log, on_ste
         train_model = torch.compile(train_model)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{cfg.task}: {model.cnnkit_name} ({n_params:,} parameters) on {data.source}; device {device}, "
-        f"precision {precision.name}, channels_last {channels_last}, {train_loader.num_workers} workers"
+        f"{choice.describe()}, {train_loader.num_workers} workers"
+        + (f", time budget {cfg.time:g} min ({budget.remaining() / 60:.1f} min left; "
+           + (f"{planned} epochs planned)" if planned else f"epochs planned after the first {PLAN_AFTER_STEPS} steps)")
+           if budget else "")
         + (f", {dist.world_size()} processes x {batch} images a step" if dist.world_size() > 1 else "")
         + f" -> {run_dir}")
 
@@ -322,7 +369,10 @@ def _fit(cfg: TrainConfig, *, resume, explicit_model, extend_epochs, log, on_ste
     saved_metrics = dict(ckpt.get("metrics") or {}) if ckpt is not None else {}
     interrupted: tuple[int, int, int] | None = None  # (signal, epoch, step within it)
     last_pt = run_dir / "weights" / "last.pt"
-    for epoch in range(start_epoch, cfg.epochs):
+    plan = BudgetPlan(budget, scheduler, cfg, iters=iters, train_images=len(data.train), val_images=len(data.val),
+                      planned=planned, log=log) if budget else None
+    epoch = start_epoch
+    while epoch < epochs:
         if cfg.max_steps and steps_done >= cfg.max_steps:
             break
         if cfg.freeze_backbone:
@@ -336,11 +386,14 @@ def _fit(cfg: TrainConfig, *, resume, explicit_model, extend_epochs, log, on_ste
         train = train_one_epoch(train_model, task, train_loader, optimizer, scheduler, precision, device=device,
                                 channels_last=channels_last, scaler=scaler, ema=ema, clip_grad=cfg.clip_grad,
                                 max_steps=(cfg.max_steps - steps_done) if cfg.max_steps else 0,
-                                epoch=epoch, epochs=cfg.epochs, progress=cfg.progress and dist.is_main(),
-                                on_step=on_step, stop=stop, skip_nonfinite=cfg.skip_nonfinite,
+                                epoch=epoch, epochs=epochs, progress=cfg.progress and dist.is_main(),
+                                on_step=plan.on_step(on_step, epoch, epochs) if plan else on_step, stop=stop,
+                                skip_nonfinite=cfg.skip_nonfinite,
                                 start_step=start_step if first else 0, resume_rng=resume_rng if first else None,
                                 resume_totals=partial if first else None)
         steps_done += train["steps"]
+        if plan and not plan.epochs and train["steps"] and train["interrupted_at"] is None:
+            plan.plan(epoch, train["train_time_s"] / train["steps"], 0, epochs)  # fewer steps than the planning needs
         if train["interrupted_at"] is not None:  # a signal: save this step and stop
             interrupted = (stop.signum or signal.SIGTERM, epoch, train["interrupted_at"])
             if dist.is_main():
@@ -348,12 +401,18 @@ def _fit(cfg: TrainConfig, *, resume, explicit_model, extend_epochs, log, on_ste
                                         epoch=epoch - 1, best_fitness=best, metrics=metrics or saved_metrics,
                                         scaler=scaler)
                 state.update(step=train["interrupted_at"], epoch_rng=epoch_rng, partial=train["totals"])
+                if plan:
+                    state.update(plan.state())
                 _save_if_finite(last_pt, state, f"epoch {epoch + 1}, step {train['interrupted_at']}")
             break
         eval_model = ema.module if ema is not None else model
         dist.broadcast_buffers(eval_model)  # every process evaluates the model rank 0 saves
+        t_eval = time.perf_counter()
         metrics = evaluate(eval_model, task, val_loader, precision, device=device,
                            channels_last=channels_last, names=data.names)
+        if plan:
+            plan.end_epoch(epoch, train["train_time_s"], time.perf_counter() - t_eval, train["steps"])
+            epochs = plan.epochs or epochs
         fitness = float(metrics[task.fitness])
         is_best = fitness > best
         best = max(best, fitness)
@@ -362,21 +421,26 @@ def _fit(cfg: TrainConfig, *, resume, explicit_model, extend_epochs, log, on_ste
         if dist.is_main():
             state = checkpoint_dict(cfg, task, model, data, optimizer=optimizer, scheduler=scheduler, ema=ema,
                                     epoch=epoch, best_fitness=best, metrics=metrics, scaler=scaler)
+            if plan:
+                state.update(plan.state())
             _check_finite(state, f"the end of epoch {epoch + 1}")
             write_metrics_csv(run_dir / "metrics.csv", history)
-            ck.save_checkpoint(last_pt, state)
+            # best.pt first: last.pt records this epoch (and its best fitness) as saved, so a kill between
+            # the two writes must find best.pt already there; a resumed run redoes the epoch and rewrites both
             if is_best:
                 ck.save_checkpoint(run_dir / "weights" / "best.pt", state)
+            ck.save_checkpoint(last_pt, state)
             if cfg.plots:
                 plot_curves(history, run_dir / "results.png", task.fitness, task.metric_names)
         shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k in task.metric_names)
-        log(f"epoch {epoch + 1}/{cfg.epochs}  train loss {train['train_loss']:.4f} | val {shown}  "
+        log(f"epoch {epoch + 1}/{epochs}  train loss {train['train_loss']:.4f} | val {shown}  "
             f"{train['images_per_s']:.0f} img/s  {time.perf_counter() - t0:.1f}s" + ("  *best*" if is_best else "")
             + (f"  {train['skipped_steps']} non-finite step(s) skipped" if train["skipped_steps"] else ""))
         # a signal during evaluation or the saves: last.pt already holds this epoch (the same answer on every process)
-        if dist.average([float(bool(stop.signum))], device)[0] > 0 and epoch + 1 < cfg.epochs:
+        if dist.average([float(bool(stop.signum))], device)[0] > 0 and epoch + 1 < epochs:
             interrupted = (stop.signum or signal.SIGTERM, epoch + 1, 0)
             break
+        epoch += 1
     if interrupted is not None:
         dist.barrier()  # the others wait while rank 0 writes
         dist.cleanup(started_group)
@@ -391,6 +455,8 @@ def _fit(cfg: TrainConfig, *, resume, explicit_model, extend_epochs, log, on_ste
         from cnnkit.report import write_report
 
         log(f"report: {write_report([run_dir], run_dir / 'report.html', device=cfg.device)}")
+    if budget is not None:
+        log(f"time budget {cfg.time:g} min: {len(history)} epochs, {budget.used() / 60:.2f} min used")
     dist.barrier()  # the others wait while rank 0 writes
     dist.cleanup(started_group)
     return RunResult(run_dir, metrics, best, history)

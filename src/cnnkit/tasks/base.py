@@ -93,9 +93,15 @@ class Task:
         return targets.to(device, non_blocking=True) if isinstance(targets, torch.Tensor) else targets
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """float32 for half / bfloat16 / integer tensors (losses and metrics after autocast); float64 stays."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def normalise(images: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 [N,C,H,W] -> float, (x / 255 - mean) / std per channel."""
-    x = images.float() / 255.0
+    """uint8 [N,C,H,W] -> float (torch's default dtype, float32 unless set otherwise), (x / 255 - mean) / std
+    per channel."""
+    x = images.to(torch.get_default_dtype()) / 255.0
     if all(m == 0.0 for m in mean) and all(v == 1.0 for v in std):
         return x
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from cnnkit.engine import distributed as dist
-from cnnkit.tasks.base import Task, TaskData
+from cnnkit.tasks.base import Task, TaskData, at_least_fp32
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -131,7 +131,7 @@ class ClassifyTask(Task):
 
     def loss(self, model, images, targets):
         logits = model(images)
-        return F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing), {}
+        return F.cross_entropy(at_least_fp32(logits), targets, label_smoothing=self.label_smoothing), {}
 
     # -- evaluation -----------------------------------------------------------------------------
     def evaluate(self, model, loader, *, device, precision, names, channels_last=False) -> dict[str, Any]:
@@ -146,7 +146,7 @@ class ClassifyTask(Task):
             labels = labels.to(device)
             with precision.autocast():
                 logits = model(images)
-            logits = logits.float()
+            logits = at_least_fp32(logits)
             loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
             for k, v in topk_correct(logits, labels).items():
                 hits[k] += v

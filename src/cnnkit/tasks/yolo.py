@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from cnnkit.errors import DataError, ShapeError, UsageError
+from cnnkit.tasks.base import at_least_fp32
 
 BOX_VALUES = 5  # x, y, sqrt w, sqrt h, confidence per predictor
 TARGET_VALUES = 5  # x, y, w, h, objectness before the one-hot class
@@ -93,9 +94,6 @@ def _hw(img_size) -> tuple[float, float]:
     return float(h), float(w)
 
 
-def _float(t: torch.Tensor) -> torch.Tensor:
-    """float32 for half / bfloat16 / integer inputs; float64 stays as it is."""
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 def _check_pred(pred: torch.Tensor, S: int, B: int, C: int | None) -> int:
@@ -115,7 +113,7 @@ def split_output(pred: torch.Tensor, *, S: int, B: int, C: int | None = None) ->
     """Split raw predictions [N, S, S, 5B + C] into their parts (see the module doc): the one
     decoding used by `yolo_loss`, `decode_boxes` and `postprocess`. Half precision becomes float32."""
     C = _check_pred(pred, S, B, C)
-    pred = _float(pred)
+    pred = at_least_fp32(pred)
     boxes = pred[..., : BOX_VALUES * B].unflatten(-1, (B, BOX_VALUES))
     logits = pred[..., BOX_VALUES * B:]
     return YoloOutput(xy=boxes[..., 0:2], sqrt_wh=boxes[..., 2:4], conf=boxes[..., 4], class_logits=logits,
