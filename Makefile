@@ -21,7 +21,8 @@ demo: $(STAMP)
 	$(BIN)/python -m cnnkit demo
 
 # every task's default model, plain PyTorch against cnnkit, one table (about 10 minutes on 2 CPU cores);
-# writes it into BENCHMARKS.md between <!-- bench:begin cpu --> and <!-- bench:end cpu -->
+# writes it into BENCHMARKS.md between <!-- bench:begin KIND --> and <!-- bench:end KIND -->, KIND being
+# cpu-avx512-bf16 or cpu-avx2 (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 stands in for the latter)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/speed.py --task all --write
 

@@ -9,7 +9,7 @@ import json
 import os
 import subprocess
 import sys
-import time
+import types
 from pathlib import Path
 
 import pytest
@@ -33,12 +33,20 @@ def _model():
     return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
 
 
-def _sleeper(seconds_by_layout: dict[bool, float], calls: list):
+@pytest.fixture
+def virtual_clock(monkeypatch):
+    """The probe reads a virtual clock that only the test's steps advance: timings are exact."""
+    clock = types.SimpleNamespace(now=0.0)
+    monkeypatch.setattr(probe, "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
+    return clock
+
+
+def _sleeper(seconds_by_layout: dict[bool, float], calls: list, clock):
     """A step that takes a known time per layout (the kernels' speed, made deterministic)."""
     def step(m, precision, channels_last):
         calls.append((precision.name, channels_last))
         assert next(m.parameters()).is_contiguous(memory_format=torch.channels_last) == channels_last
-        time.sleep(seconds_by_layout[channels_last])
+        clock.now += seconds_by_layout[channels_last]
     return step
 
 
@@ -50,9 +58,9 @@ def test_pick_prefers_fp32_and_nchw_unless_clearly_faster():
     assert _pick({"fp32/nchw": 1.0}) == "fp32/nchw"
 
 
-def test_layout_is_measured_then_cached(cache):
+def test_layout_is_measured_then_cached(cache, virtual_clock):
     calls: list = []
-    step = _sleeper({False: 0.03, True: 0.01}, calls)
+    step = _sleeper({False: 0.03, True: 0.01}, calls, virtual_clock)
     logs: list[str] = []
     c = choose(_model(), device=CPU, precision="fp32", channels_last="auto", model_id="m", shape=(2, 3, 8, 8),
                step=step, log=logs.append)
@@ -70,8 +78,22 @@ def test_layout_is_measured_then_cached(cache):
                    step=never)
     assert (again.channels_last, again.how) == (True, "cached")
     other = choose(_model(), device=CPU, precision="fp32", channels_last="auto", model_id="m", shape=(4, 3, 8, 8),
-                   step=_sleeper({False: 0.0, True: 0.02}, []))
+                   step=_sleeper({False: 0.01, True: 0.02}, [], virtual_clock))
     assert (other.channels_last, other.how) == (False, "measured")  # another batch size is measured anew
+
+
+def test_a_busy_machine_is_not_cached(cache, virtual_clock):
+    """One timed step of a candidate twice as slow as its others: the choice serves this run only."""
+    slow = iter([0.01, 0.01, 0.03, 0.01, 0.01, 0.01, 0.01, 0.01])  # warm-ups, then rounds nchw/cl
+
+    def step(m, precision, channels_last):
+        virtual_clock.now += next(slow)
+
+    logs: list[str] = []
+    c = choose(_model(), device=CPU, precision="fp32", channels_last="auto", model_id="m", shape=(1, 3, 8, 8),
+               step=step, log=logs.append)
+    assert c.how == "measured, noisy" and not cache.exists()
+    assert len(logs) == 1 and "not cached" in logs[0]
 
 
 def test_forced_settings_are_not_timed(cache):
@@ -83,7 +105,7 @@ def test_forced_settings_are_not_timed(cache):
     assert not cache.exists()
 
 
-def test_a_layout_that_fails_is_left_out_with_one_line(cache):
+def test_a_layout_that_fails_is_left_out_with_one_line(cache, virtual_clock):
     def step(m, precision, channels_last):
         if channels_last:
             raise RuntimeError("no channels_last kernel for this operator\nsecond line")
@@ -96,7 +118,7 @@ def test_a_layout_that_fails_is_left_out_with_one_line(cache):
     assert "second line" not in logs[0]
 
 
-def test_the_random_state_is_restored(cache):
+def test_the_random_state_is_restored(cache, virtual_clock):
     def step(m, precision, channels_last):
         torch.rand(100)
 
@@ -108,7 +130,7 @@ def test_the_random_state_is_restored(cache):
     assert torch.equal(torch.rand(3), after)
 
 
-def test_the_model_is_not_touched(cache):
+def test_the_model_is_not_touched(cache, virtual_clock):
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -136,9 +158,10 @@ def test_bf16_is_no_candidate_under_the_avx2_stand_in():
     assert out.stdout.strip() == "['fp32']"
 
 
-def test_fit_measures_once_and_says_so(shapes_dir, tmp_path, cache, one_thread):
+def test_fit_measures_once_and_says_so(shapes_dir, tmp_path, cache, one_thread, monkeypatch):
     from cnnkit.engine.trainer import fit
 
+    monkeypatch.setattr(probe, "NOISY", float("inf"))  # real timings: cached even when this machine is busy
     cfg = dict(task="classify", model="vgg11_bn", model_kwargs={"width": 0.125, "pool_size": 1}, data=str(shapes_dir),
                epochs=1, batch_size=16, img_size=32, workers=0, project=str(tmp_path / "runs"), plots=False,
                progress=False)
@@ -154,10 +177,11 @@ def test_fit_measures_once_and_says_so(shapes_dir, tmp_path, cache, one_thread):
     assert "precision fp32, channels_last off," in next(ln for ln in forced if "device cpu" in ln)
 
 
-def test_inference_settings_are_measured_too(shapes_dir, tmp_path, cache, one_thread):
+def test_inference_settings_are_measured_too(shapes_dir, tmp_path, cache, one_thread, monkeypatch):
     from cnnkit.engine.inference import load_trained
     from cnnkit.engine.trainer import fit
 
+    monkeypatch.setattr(probe, "NOISY", float("inf"))
     res = fit(TrainConfig(task="classify", model="vgg11_bn", model_kwargs={"width": 0.125, "pool_size": 1},
                           data=str(shapes_dir), epochs=1, batch_size=16, img_size=32, workers=0, precision="fp32",
                           channels_last="off", project=str(tmp_path / "runs"), plots=False, progress=False),

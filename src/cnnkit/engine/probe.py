@@ -5,14 +5,16 @@ depends on the CPU, not on a rule: on an AMD EPYC with AVX-512 BF16, bf16 convol
 and channels_last pays with them; on a CPU with AVX2 only there is no fast bf16, and channels_last still
 trains the YOLO default 1.7x faster in fp32 while a small VGG at 32 px is the same either way
 (BENCHMARKS.md). So `--precision auto` and `--channels-last auto` time the run's own model at the run's
-batch and input size: a warm-up step and two timed steps per candidate (forward + backward for
-training, forward only for inference), the fastest wins. The answer is kept in a small JSON file under
+batch and input size: a warm-up step per candidate, then `TIMED_STEPS` rounds in which the candidates
+take turns (forward + backward for training, forward only for inference); each candidate's fastest
+step counts. The answer is kept in a small JSON file under
 the cache folder ($CNNKIT_CACHE, else $XDG_CACHE_HOME/cnnkit or ~/.cache/cnnkit), keyed by the CPU
 (model name, flags, the ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA overrides), torch version, thread
 count, model and shape, so later runs pay nothing.
 
 bf16 must beat fp32 by `BF16_MARGIN` to be chosen (it rounds more), channels_last NCHW by
-`LAYOUT_MARGIN`. A candidate that fails (an operator without a kernel for that layout or dtype) is
+`LAYOUT_MARGIN`. Steps of one candidate that differ by more than `NOISY` times mean another process
+took the cores meanwhile: that choice serves the run but is not cached. A candidate that fails (an operator without a kernel for that layout or dtype) is
 dropped with one line of log. On CUDA the rules hold everywhere (bf16, or fp16 with a scaler, and
 channels_last for tensor cores), so nothing is timed there.
 """
@@ -35,7 +37,8 @@ from cnnkit.engine.device import Precision, cpu_supports_bf16, fp32_depthwise, r
 
 BF16_MARGIN = 1.10
 LAYOUT_MARGIN = 1.05
-TIMED_STEPS = 2
+TIMED_STEPS = 3
+NOISY = 1.5  # a candidate whose timed steps differ by more than this factor: measured on a busy machine
 CACHE_VERSION = 1
 
 
@@ -156,9 +159,15 @@ def choose(model: nn.Module, *, device: torch.device, precision: str, channels_l
         p, c = hit["choice"].split("/")
         return Choice(resolve_precision(p, device), c == "cl", dict(hit.get("times", {})), "cached")
     times, failed = _measure(model, device, precs, layouts, step, log)
+    noisy = bool(times.pop("noisy", None))
     if not times:  # nothing ran: the plain settings, and the run's own error will say why
         return Choice(resolve_precision("fp32", device), False, how="rule", failed=tuple(failed))
     best = _pick(times)
+    if noisy:
+        log("probe: the timed steps varied by more than "
+            f"{NOISY:g}x (a busy machine?); the choice is used for this run only, not cached")
+        p, c = best.split("/")
+        return Choice(resolve_precision(p, device), c == "cl", times, "measured, noisy", tuple(failed))
     _write_cache(key, {"choice": best, "times": times, "cpu": cpu_identity(), "model": model_id,
                        "shape": list(shape), "kind": kind, "torch": torch.__version__,
                        "threads": torch.get_num_threads()})
@@ -186,9 +195,12 @@ def _pick(times: dict[str, float]) -> str:
 
 
 def _measure(model, device, precs, layouts, step, log) -> tuple[dict[str, float], list[str]]:
+    """Each candidate warms up once, then the candidates take turns, step by step, `TIMED_STEPS` rounds:
+    a burst of load from another process then slows every candidate alike, not just one of them."""
     from cnnkit.engine.checkpoint import rng_state, set_rng_state
 
     state = rng_state()
+    copies: dict[str, tuple] = {}
     times: dict[str, float] = {}
     failed: list[str] = []
     try:
@@ -197,29 +209,33 @@ def _measure(model, device, precs, layouts, step, log) -> tuple[dict[str, float]
             for cl in layouts:
                 label = _label(p, cl)
                 try:
-                    times[label] = _time_candidate(model, device, prec, cl, step)
+                    m = _placed_copy(model, device, prec, cl)
+                    step(m, prec, cl)  # warm-up: oneDNN builds its kernels for the shape here
+                    copies[label] = (m, prec, cl)
                 except Exception as exc:  # noqa: BLE001 - any kernel error: drop the candidate, say so
                     failed.append(label)
                     log(f"probe: {label} does not run here ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
                         "left out")
+        runs: dict[str, list[float]] = {label: [] for label in copies}
+        for _ in range(TIMED_STEPS):
+            for label, (m, prec, cl) in copies.items():
+                t0 = time.perf_counter()
+                step(m, prec, cl)
+                runs[label].append(time.perf_counter() - t0)
+        times = {label: max(1e-9, min(r)) for label, r in runs.items()}
+        if any(max(r) > NOISY * min(r) for r in runs.values()):
+            times["noisy"] = 1.0  # the caller does not cache a measurement taken on a busy machine
     finally:
         set_rng_state(state)
     return times, failed
 
 
-def _time_candidate(model: nn.Module, device: torch.device, precision: Precision, channels_last: bool, step) -> float:
+def _placed_copy(model: nn.Module, device: torch.device, precision: Precision, channels_last: bool) -> nn.Module:
     m = copy.deepcopy(model)
     if channels_last:
         m = m.to(memory_format=torch.channels_last)
     fp32_depthwise(m, device, precision)
-    step(m, precision, channels_last)  # warm-up: oneDNN builds its kernels for the shape here
-    best = float("inf")
-    for _ in range(TIMED_STEPS):
-        t0 = time.perf_counter()
-        step(m, precision, channels_last)
-        best = min(best, time.perf_counter() - t0)
-    del m
-    return best
+    return m
 
 
 def model_id(model: nn.Module, extra: str = "") -> str:
