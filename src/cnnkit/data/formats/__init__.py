@@ -85,7 +85,9 @@ class DetectionSplits:
     """A whole dataset in memory: class `names`, records per split ("train", "val", "test", ...).
 
     `problems` lists (file, line or None, "kind: detail") of what on_bad_label="skip" left out;
-    `notes` holds remarks worth printing; `format` is "yolo", "coco" or "voc"; `root` the source.
+    `notes` holds remarks worth printing; `format` is "yolo", "coco" or "voc"; `root` the source;
+    `category_ids[label]` is the source's own id of each class where it has them (COCO), else None
+    (see `coco.coco_ids` for the ids a COCO file of this data holds).
     """
 
     names: list[str]
@@ -94,6 +96,7 @@ class DetectionSplits:
     notes: list[str] = field(default_factory=list)
     format: str = ""
     root: Path | None = None
+    category_ids: list[int] | None = None
 
     def describe(self) -> str:
         """'train 2000 images / 5012 boxes, val 300 images / 740 boxes, 10 classes'."""
@@ -278,6 +281,11 @@ def check_splits(splits: DetectionSplits) -> None:
             raise DataError(f"class name {k} ({name!r}) {what}; the files could not hold it",
                             fix="rename the class (letters, digits, spaces inside, no line breaks)")
     n = len(splits.names)
+    ids = splits.category_ids
+    if ids is not None and (len(ids) != n or len(set(ids)) != n
+                            or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
+        raise DataError(f"category_ids {list(ids)} are not {n} distinct integers, one per class name",
+                        fix="give each class its own integer id, or none (ids 1..K are then written)")
     for split, recs in splits.splits.items():
         for rec in recs:
             if rec.labels.numel() and (int(rec.labels.min()) < 0 or int(rec.labels.max()) >= n):
@@ -319,12 +327,12 @@ def read_any(src: str | os.PathLike, *, on_bad_label: str = "error") -> Detectio
 
 
 # the readers and writers use the definitions above, so they are imported last
-from cnnkit.data.formats.coco import read_coco, write_coco  # noqa: E402
+from cnnkit.data.formats.coco import CocoIds, coco_ids, read_coco, write_coco  # noqa: E402
 from cnnkit.data.formats.voc import read_voc, write_voc  # noqa: E402
 from cnnkit.data.formats.yolo import read_yolo, write_yolo  # noqa: E402
 
 WRITERS: dict[str, Callable[..., Path]] = {"yolo": write_yolo, "coco": write_coco, "voc": write_voc}
 
-__all__ = ["DetectionRecord", "DetectionSplits", "Problems", "check_box", "detect_format", "read_any",
+__all__ = ["CocoIds", "DetectionRecord", "DetectionSplits", "coco_ids", "Problems", "check_box", "detect_format", "read_any",
            "read_coco", "read_voc", "read_yolo", "summarize_problems", "write_coco", "write_voc", "write_yolo",
            "WRITERS", "CLIP_TOLERANCE", "ON_BAD_LABEL"]
