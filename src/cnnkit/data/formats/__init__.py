@@ -62,7 +62,8 @@ class DetectionRecord:
     """One image and its boxes: `boxes` float64 [N, 4] XYXY absolute pixels, `labels` int64 [N].
 
     `width`, `height` are the image's size as displayed (after EXIF orientation); `image_id` is the
-    source's own id where it has one (COCO), else None.
+    source's own id where it has one (COCO), else None; `scores` float64 [N], the confidence of each
+    box, only for predictions read back (`read_yolo(..., with_scores=True)`), else None.
     """
 
     image_path: Path
@@ -71,6 +72,7 @@ class DetectionRecord:
     boxes: torch.Tensor
     labels: torch.Tensor
     image_id: int | None = None
+    scores: torch.Tensor | None = None
 
     def __post_init__(self):
         self.image_path = Path(self.image_path)
@@ -78,6 +80,10 @@ class DetectionRecord:
         self.labels = torch.as_tensor(self.labels, dtype=torch.int64).reshape(-1)
         if self.boxes.shape[0] != self.labels.shape[0]:
             raise ValueError(f"{self.boxes.shape[0]} boxes but {self.labels.shape[0]} labels")
+        if self.scores is not None:
+            self.scores = torch.as_tensor(self.scores, dtype=torch.float64).reshape(-1)
+            if self.scores.shape[0] != self.labels.shape[0]:
+                raise ValueError(f"{self.scores.shape[0]} scores for {self.labels.shape[0]} boxes")
 
 
 @dataclass
