@@ -43,12 +43,13 @@ class DetectionDataset(Dataset):
 
     def __init__(self, records: Sequence[DetectionRecord], *, pixels: torch.Tensor | None = None,
                  offsets: torch.Tensor | None = None, transform: Callable | None = None,
-                 coco_image_ids: Sequence[int] | None = None):
+                 coco_image_ids: Sequence[int] | None = None, split: str | None = None):
         self.records = list(records)
         self.pixels, self.offsets = pixels, offsets
         self.transform = transform
         # image i's id in the COCO file of its split (`cnnkit.data.formats.coco_ids`), when known
         self.coco_image_ids = list(coco_image_ids) if coco_image_ids is not None else None
+        self.split = split  # that split's name ("train" for images held out of it for validation)
 
     @property
     def in_memory(self) -> bool:
@@ -98,8 +99,7 @@ class DetectionData:
 
     `names[label]` is the class name; `source` describes the data in a line; `problems` lists
     (file, line or None, reason) of what on_bad_label="skip" left out; `notes` holds remarks worth
-    printing; `in_memory` tells whether every image is already decoded; `splits` is the source as read;
-    `val_split` the split of `splits` whose images `val` holds ("train" when they were held out of it).
+    printing; `in_memory` tells whether every image is already decoded; `splits` is the source as read.
     """
 
     train: DetectionDataset
@@ -110,7 +110,6 @@ class DetectionData:
     notes: list[str] = field(default_factory=list)
     in_memory: bool = True
     splits: DetectionSplits | None = None
-    val_split: str = "val"
 
     @property
     def num_classes(self) -> int:
@@ -216,15 +215,15 @@ def load_detection_data(spec: str | os.PathLike, *, on_bad_label: str = "error",
     id_of = {id(rec): i for split, recs in splits.splits.items() for rec, i in zip(recs, ids.image_ids[split])}
     datasets = []
     in_memory = True
-    for records in (train, val):
+    for records, split in ((train, "train"), (val, val_split)):
         records, pixels, offsets = _decode(records, problems, budget)
         budget -= int(pixels.numel()) if pixels is not None else 0
         in_memory = in_memory and pixels is not None
         datasets.append(DetectionDataset(records, pixels=pixels, offsets=offsets,
-                                         coco_image_ids=[id_of[id(r)] for r in records]))
+                                         coco_image_ids=[id_of[id(r)] for r in records], split=split))
     tr, va = datasets
     boxes = sum(len(r.labels) for r in tr.records), sum(len(r.labels) for r in va.records)
     source = (f"{label}: {len(tr)} train / {len(va)} val images, {boxes[0]} / {boxes[1]} boxes, "
               f"{len(splits.names)} classes")
     return DetectionData(train=tr, val=va, names=list(splits.names), source=source, problems=problems.items,
-                         notes=notes, in_memory=in_memory, splits=splits, val_split=val_split)
+                         notes=notes, in_memory=in_memory, splits=splits)

@@ -135,21 +135,22 @@ def check_on_bad_label(value: str) -> None:
                          fix="use on_bad_label='error' or 'skip'")
 
 
-def check_box(x1: float, y1: float, x2: float, y2: float, width: int, height: int
+def check_box(x1: float, y1: float, x2: float, y2: float, width: int, height: int, *, allow_empty: bool = False
               ) -> tuple[tuple[float, float, float, float] | None, str, str]:
-    """(clipped box, "", "") for a good box, else (None, kind, detail). Rules in the module docstring."""
+    """(clipped box, "", "") for a good box, else (None, kind, detail). Rules in the module docstring;
+    `allow_empty` lets a box of zero width or height through (a prediction can be one)."""
     values = (x1, y1, x2, y2)
     shown = "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
     if not all(math.isfinite(v) for v in values):
         return None, MALFORMED_LINE, f"box {shown} holds a non-finite number"
-    if x2 <= x1 or y2 <= y1:
+    if x2 < x1 or y2 < y1 or (not allow_empty and (x2 == x1 or y2 == y1)):
         return None, BOX_EMPTY, f"XYXY box {shown} is {x2 - x1:.6g} x {y2 - y1:.6g} px"
     t = CLIP_TOLERANCE
     if x1 < -t or y1 < -t or x2 > width + t or y2 > height + t:
         return None, BOX_OUTSIDE, (f"XYXY box {shown} leaves the {width}x{height} image by more than "
                                    f"{t:g} px")
     c = (min(max(x1, 0.0), width), min(max(y1, 0.0), height), min(max(x2, 0.0), width), min(max(y2, 0.0), height))
-    if c[2] <= c[0] or c[3] <= c[1]:
+    if (c[2] < c[0] or c[3] < c[1]) if allow_empty else (c[2] <= c[0] or c[3] <= c[1]):
         return None, BOX_EMPTY, f"XYXY box {shown} is empty once clipped to the {width}x{height} image"
     return c, "", ""
 

@@ -6,7 +6,8 @@
 
 Predictions (`cnnkit predict` writes labels/x.txt, ultralytics' save_conf does the same) add a
 confidence: `class cx cy w h score`; `read_yolo(..., with_scores=True)` reads such files (and only
-such lines), keeping the scores in `DetectionRecord.scores`. Training data never takes a sixth field.
+such lines), keeping the scores in `DetectionRecord.scores`, and keeps a predicted box of zero width or
+height (as the model output it). Training data never takes a sixth field, nor an empty box.
 
 An image's label file is its path with the last `images` folder replaced by `labels` and the
 extension by `.txt` (as ultralytics does); an image without one is a background image. A line of
@@ -250,7 +251,7 @@ def _parse_labels(label: Path, width: int, height: int, n_classes: int, problems
             continue
         if n in (5, 6):
             cx, cy, w, h = values[1:5]
-            if w <= 0 or h <= 0:
+            if w < 0 or h < 0 or (not with_scores and (w == 0 or h == 0)):  # a prediction may be degenerate
                 problems.report(BOX_EMPTY, f"normalised width {fields[3]}, height {fields[4]}", label, lineno,
                                 fix="delete the line or give the box a positive size")
                 continue
@@ -258,7 +259,7 @@ def _parse_labels(label: Path, width: int, height: int, n_classes: int, problems
         else:
             xs, ys = values[1::2], values[2::2]
             x1, y1, x2, y2 = min(xs) * width, min(ys) * height, max(xs) * width, max(ys) * height
-        box, kind, detail = check_box(x1, y1, x2, y2, width, height)
+        box, kind, detail = check_box(x1, y1, x2, y2, width, height, allow_empty=with_scores)
         if box is None:
             problems.report(kind, detail, label, lineno, fix="correct the box (YOLO numbers are fractions "
                             "of the image width and height)")
