@@ -228,7 +228,7 @@ def test_predicted_yolo_txt_read_back_equal_the_json(coco_run, tmp_path):
     data, weights = coco_run
     results = predict_json(weights, data / "images" / "val", tmp_path / "pred", "--data", str(data))
     entries = json.loads(results.read_text())
-    back = read_yolo(tmp_path / "pred", with_scores=True)  # images/*.png, labels/*.txt, labels/classes.txt
+    back = read_yolo(tmp_path / "pred", with_scores=True)  # images/*.png, labels/*.txt, classes.txt
     assert back.names == NAMES
     label_of = {cid: k for k, cid in enumerate(CATEGORY_IDS)}
     records = {r.image_path.name: r for r in back.splits["train"]}

@@ -214,7 +214,7 @@ class DetectTask(Task):
     def predict_paths(self, trained, sources, *, out_dir, top_k: int = 5, batch_size: int = 16,
                       conf_threshold: float = 0.25, data=None, log=print) -> list[dict]:
         """Detect objects in every image of `sources`; writes per image a drawn PNG (images/) and a YOLO
-        txt (labels/, `class cx cy w h score`, normalised; labels/classes.txt names the classes), plus
+        txt (labels/, `class cx cy w h score`, normalised; classes.txt names the classes), plus
         predictions.json in COCO results format (`cnnkit.tasks.detection_results`).
 
         Its ids: with `data` (the dataset, as `--data` takes it) each image's id in that dataset's COCO
@@ -252,7 +252,7 @@ class DetectTask(Task):
         size = trained.img_size
         out_dir = Path(out_dir)
         rows, coco = [], []
-        atomic_write_text(out_dir / "labels" / "classes.txt", "".join(f"{n}\n" for n in names))
+        atomic_write_text(out_dir / "classes.txt", "".join(f"{n}\n" for n in names))  # read_yolo reads the folder
         k = 0
         for chunk, originals, x in square_batches(trained, paths, batch_size, self.prepare):
             with trained.precision.autocast():
