@@ -341,3 +341,40 @@ def test_mask_png_is_16_bit_above_255_classes(tmp_path):
     mask_png(mask.clamp(max=254), 255).save(tmp_path / "p.png")
     with Image.open(tmp_path / "p.png") as png:
         assert png.mode == "P" and torch.equal(torch.from_numpy(np.array(png).astype(np.int64)), mask.clamp(max=254))
+
+
+# ---------------------------------------------------------------- the README's paragraph, as written
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_section() -> tuple[list[str], str]:
+    """The `cnnkit ...` lines and the Python block of README's "Evaluate with your own tools"."""
+    import re
+
+    section = README.read_text().split("### Evaluate with your own tools", 1)[1].split("\n## ", 1)[0]
+    shell = re.findall(r"```sh\n(.*?)```", section, flags=re.S)[0]
+    commands = [line.split("  #", 1)[0].strip() for line in shell.splitlines() if line.strip()]
+    return commands, re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
+
+
+def test_readme_evaluate_with_your_own_tools_runs_as_written(tmp_path, monkeypatch, capsys):
+    import shlex
+
+    monkeypatch.chdir(tmp_path)
+    write_yolo_data(Path("my_data"), rectangle_scenes(seed=2), {"train": 4, "val": 1})
+    trained = train_tiny("my_data/data.yaml", Path("runs"), name="exp")
+    assert trained.resolve() == (tmp_path / "runs/detect/exp/weights/best.pt").resolve()
+    commands, python = readme_section()
+    assert [c.split()[:2] for c in commands] == [["cnnkit", "data"], ["cnnkit", "val"], ["cnnkit", "predict"]]
+    for command in commands:
+        assert main(shlex.split(command)[1:]) == 0, command
+    out = capsys.readouterr().out
+    val_ap = {line.split()[0]: float(line.split()[1]) for line in out.splitlines()
+              if line.split()[:1] in (["AP"], ["AP50"])}
+    assert "runs/detect/exp/val/predictions.json" in out and val_ap["AP50"] > 0
+    exec(compile(python, "README.md", "exec"), {})
+    printed = [line.split() for line in capsys.readouterr().out.splitlines() if " AP50 " in line]
+    assert [p[0] for p in printed] == ["runs/detect/exp/val/predictions.json", "runs/detect/exp/predict/predictions.json"]
+    for p in printed:  # val prints 4 decimals
+        assert float(p[2]) == pytest.approx(val_ap["AP"], abs=1e-4) and float(p[4]) == pytest.approx(val_ap["AP50"], abs=1e-4)
