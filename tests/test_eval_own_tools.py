@@ -201,6 +201,18 @@ def test_converter_and_results_share_one_numbering(coco_run, tmp_path):
     assert coco_ids(yolo).category_ids == [1, 2, 3] and coco_ids(yolo).image_ids["val"] == list(range(1, 9))
 
 
+def test_generated_scenes_coco_files_hold_the_ids_of_coco_ids(tmp_path):
+    from cnnkit.data.scenes import generate_scenes
+
+    root = generate_scenes(tmp_path / "s", n_train=4, n_val=3, img_size=64, seed=0)
+    ids = coco_ids(read_yolo(root / "data.yaml"))  # what --data scenes reads
+    for split in ("train", "val"):
+        doc = json.loads((root / "annotations" / f"instances_{split}.json").read_text())
+        names = [r.image_path.name for r in read_yolo(root / "data.yaml").splits[split]]
+        assert {i["file_name"]: i["id"] for i in doc["images"]} == dict(zip(names, ids.image_ids[split]))
+        assert [c["id"] for c in doc["categories"]] == ids.category_ids
+
+
 # ---------------------------------------------------------------- (c) convert round trip
 
 def test_convert_yolo_coco_voc_yolo_keeps_boxes_and_classes(yolo_run, tmp_path):
