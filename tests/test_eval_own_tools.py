@@ -201,6 +201,53 @@ def test_converter_and_results_share_one_numbering(coco_run, tmp_path):
     assert coco_ids(yolo).category_ids == [1, 2, 3] and coco_ids(yolo).image_ids["val"] == list(range(1, 9))
 
 
+def test_every_source_format_gives_its_images_the_ids_convert_writes(yolo_run, coco_run, tmp_path):
+    """What the results writers use (the datasets' coco_image_ids, the checkpoint's category ids) is what
+    `data convert --to coco` writes, for YOLO, VOC, COCO and a plain folder without a val split."""
+    from cnnkit.data.detection import load_detection_data
+
+    data_yaml, _ = yolo_run
+    assert main(["data", "convert", str(data_yaml), str(tmp_path / "voc"), "--to", "voc"]) == 0
+    folder = tmp_path / "folder"  # images/ + labels/ + classes.txt, no splits: val is held out of train
+    for k, (img, boxes) in enumerate(rectangle_scenes(n=10, seed=3)):
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        (folder / "labels").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(folder / "images" / f"f{k}.png")
+        (folder / "labels" / f"f{k}.txt").write_text("".join(
+            f"{c} {(x + w / 2) / W} {(y + h / 2) / H} {w / W} {h / H}\n" for c, (x, y, w, h) in boxes))
+    (folder / "classes.txt").write_text("red\ngreen\nblue\n")
+    sources = {"yolo": data_yaml, "voc": tmp_path / "voc", "coco": coco_run[0], "folder": folder}
+    for kind, src in sources.items():
+        out = tmp_path / f"as_coco_{kind}"
+        assert main(["data", "convert", str(src), str(out), "--to", "coco"]) == 0
+        loaded = load_detection_data(src)
+        split = loaded.val.split
+        assert split == ("train" if kind == "folder" else "val")
+        doc = json.loads((out / "annotations" / f"instances_{split}.json").read_text())
+        id_of = {i["file_name"]: i["id"] for i in doc["images"]}
+        assert loaded.val.coco_image_ids == [id_of[r.image_path.name] for r in loaded.val.records], kind
+        assert loaded.coco_ids().category_ids == [c["id"] for c in doc["categories"]], kind
+
+
+@pytest.mark.parametrize("images, categories, words", [
+    ([{"id": 7, "file_name": "a.png"}, {"id": 7, "file_name": "b.png"}], None, "repeats id 7"),
+    ([{"id": 7.5, "file_name": "a.png"}], None, "key 'id' is malformed"),
+    ([{"id": "7", "file_name": "a.png"}], None, "key 'id' is malformed"),
+    (None, [{"id": 3, "name": "red"}, {"id": 3, "name": "blue"}], "id 3 repeats"),
+    (None, [{"id": 1.0, "name": "red"}], "integer 'id'"),
+])
+def test_duplicate_or_non_integer_coco_ids_stay_refused(tmp_path, images, categories, words):
+    from cnnkit.errors import DataError
+
+    Image.new("RGB", (W, H)).save(tmp_path / "a.png")
+    Image.new("RGB", (W, H)).save(tmp_path / "b.png")
+    doc = {"images": images or [{"id": 7, "file_name": "a.png"}], "annotations": [],
+           "categories": categories or [{"id": 1, "name": "red"}]}
+    (tmp_path / "instances_train.json").write_text(json.dumps(doc))
+    with pytest.raises(DataError, match=words):
+        read_coco(tmp_path / "instances_train.json")
+
+
 def test_generated_scenes_coco_files_hold_the_ids_of_coco_ids(tmp_path):
     from cnnkit.data.scenes import generate_scenes
 
