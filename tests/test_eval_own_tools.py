@@ -153,10 +153,8 @@ def test_coco_source_ids_and_ap_match_the_reference(coco_run, tmp_path, capsys):
     assert metrics["AP50"] > 0, "a model that finds nothing would make the comparison empty"
     truth = data / "annotations" / "instances_val.json"
     ap, ap50 = reference_ap(truth, results)
-    with capsys.disabled():  # the figures, for the record (pytest -s)
-        print(f"\nCOCO source: cnnkit val AP {metrics['AP']:.6f} AP50 {metrics['AP50']:.6f}; "
-              f"faster-coco-eval on --save-json AP {ap:.6f} AP50 {ap50:.6f}")
-    assert ap == pytest.approx(metrics["AP"], abs=1e-4) and ap50 == pytest.approx(metrics["AP50"], abs=1e-4)
+    figures = f"cnnkit val AP {metrics['AP']:.6f} AP50 {metrics['AP50']:.6f}, reference AP {ap:.6f} AP50 {ap50:.6f}"
+    assert ap == pytest.approx(metrics["AP"], abs=1e-4) and ap50 == pytest.approx(metrics["AP50"], abs=1e-4), figures
 
     predicted = predict_json(weights, data / "images" / "val", tmp_path / "pred", "--data", str(data))
     assert "as in the COCO file of" in capsys.readouterr().out
@@ -172,10 +170,8 @@ def test_yolo_source_converted_to_coco_and_ap_match_the_reference(yolo_run, tmp_
     metrics, results = val_json(weights, tmp_path / "val")
     assert metrics["AP50"] > 0
     ap, ap50 = reference_ap(truth, results)
-    with capsys.disabled():
-        print(f"\nYOLO source: cnnkit val AP {metrics['AP']:.6f} AP50 {metrics['AP50']:.6f}; "
-              f"faster-coco-eval on --save-json AP {ap:.6f} AP50 {ap50:.6f}")
-    assert ap == pytest.approx(metrics["AP"], abs=1e-4) and ap50 == pytest.approx(metrics["AP50"], abs=1e-4)
+    figures = f"cnnkit val AP {metrics['AP']:.6f} AP50 {metrics['AP50']:.6f}, reference AP {ap:.6f} AP50 {ap50:.6f}"
+    assert ap == pytest.approx(metrics["AP"], abs=1e-4) and ap50 == pytest.approx(metrics["AP50"], abs=1e-4), figures
     predicted = predict_json(weights, data_yaml.parent / "images" / "val", tmp_path / "pred", "--data", str(data_yaml))
     assert reference_ap(truth, predicted) == pytest.approx((metrics["AP"], metrics["AP50"]), abs=1e-4)
     # the converted COCO dataset is the same data: validating on it gives the same figures and file
