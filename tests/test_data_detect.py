@@ -376,7 +376,7 @@ def test_flip_through_dataset_moves_boxes_and_collate(tmp_path):
     image, target = data.train[0]
     assert isinstance(image, tv_tensors.Image) and isinstance(target["boxes"], tv_tensors.BoundingBoxes)
     assert target["boxes"].tolist() == [[50.0, 20.0, 90.0, 60.0]]  # x -> 100 - x
-    assert target["labels"].tolist() == [1] and target["image_id"] == 0
+    assert target["labels"].tolist() == [1] and target["image_id"] == 1  # its id in the COCO file convert writes
     unchanged = torch.tensor([[10.0, 20.0, 50.0, 60.0]], dtype=torch.float64)
     assert torch.allclose(data.train.records[0].boxes, unchanged)  # the dataset is unchanged
     images, targets = detection_collate([data.train[0], data.train[1]])

@@ -249,8 +249,10 @@ def cmd_val(args) -> int:
     from cnnkit.engine.inference import validate
 
     out = Path(args.out) if args.out else Path(args.weights).resolve().parent.parent / "val"
+    save = tuple(k for k, on in (("json", args.save_json), ("masks", args.save_masks)) if on)
     m = validate(args.weights, data=args.data, batch_size=args.batch_size, device=args.device,
-                 precision=args.precision, channels_last=args.channels_last, workers=args.workers, out_dir=out)
+                 precision=args.precision, channels_last=args.channels_last, workers=args.workers, out_dir=out,
+                 save=save)
     _print_metrics(m)
     print(f"pictures in {out}")
     return 0
@@ -278,7 +280,9 @@ def cmd_predict(args) -> int:
         t = load_trained(args.weights, device=args.device, precision=args.precision,
                          channels_last=args.channels_last, batch_size=args.batch_size, log=print)
     out = Path(args.out) if args.out else Path("runs") / t.task.name / "predict"
-    extra = {"conf_threshold": args.conf_threshold} if t.task.name == "detect" else {}
+    if args.data is not None and t.task.name != "detect":
+        raise UsageError(f"--data applies to detect checkpoints only, not {t.task.name}", fix="drop --data")
+    extra = {"conf_threshold": args.conf_threshold, "data": args.data} if t.task.name == "detect" else {}
     rows = t.task.predict_paths(t, args.sources, out_dir=out, top_k=args.top_k, batch_size=args.batch_size, **extra)
     for r in rows[: args.show]:
         print(r["summary"])
@@ -399,7 +403,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
                    help="memory format (auto: measured on this CPU and model; on with CUDA)")
     s.add_argument("--workers", type=_number(int, -1), default=-1, help="DataLoader workers (-1 = automatic)")
-    s.add_argument("--out", default=None, help="folder for the pictures (default: <run>/val)")
+    s.add_argument("--out", default=None, help="folder for the pictures and saved predictions (default: <run>/val)")
+    s.add_argument("--save-json", action="store_true", help="detect: write OUT/predictions.json, the detections "
+                   "val scores (confidence >= 0.001, at most 100 an image) in COCO results format, with the image "
+                   "and category ids of the data's COCO file (`cnnkit data convert DATA OUT --to coco` writes it; "
+                   "a COCO dataset's own ids), so other evaluators reproduce AP")
+    s.add_argument("--save-masks", action="store_true", help="segment: write OUT/masks/<image stem>.png, the "
+                   "predicted index mask of every validation image exactly as val scores it (img-size x img-size, "
+                   "pixel = class index; 8-bit, 16-bit over 255 classes)")
     s.set_defaults(func=cmd_val)
 
     s = sub.add_parser("predict", help="predict images or folders with a checkpoint", formatter_class=_fmt())
@@ -410,14 +421,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default=None, help="predict with this registry model and --weights instead of a checkpoint")
     s.add_argument("--download", action="store_true", help="allow downloading torchvision weights")
     s.add_argument("--top-k", type=POSITIVE_INT, default=5, help="classify: classes listed per image")
-    s.add_argument("--conf-threshold", type=PROBABILITY, default=0.25, help="detect: lowest class-specific confidence kept")
+    s.add_argument("--conf-threshold", type=PROBABILITY, default=0.25, help="detect: lowest class-specific "
+                   "confidence kept (0.001 keeps what val scores, for mAP with other tools)")
+    s.add_argument("--data", default=None, help="detect: the dataset the images come from (as `train --data` takes "
+                   "it); predictions.json then holds its COCO image and category ids, each image found by path or "
+                   "file name (default: none; image_id = 1..N in file order, category_id the checkpoint's)")
     s.add_argument("--batch-size", type=POSITIVE_INT, default=64, help="images per batch")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     s.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="auto: measured on this CPU and model (bf16 when at least 1.1x faster); bf16 / fp16 on CUDA")
     s.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
                    help="memory format (auto: measured on this CPU and model; on with CUDA)")
-    s.add_argument("--out", default=None, help="output folder (default runs/<task>/predict)")
+    s.add_argument("--out", default=None, help="output folder (default: runs/<task>/predict)")
     s.add_argument("--show", type=COUNT, default=20, help="print this many results")
     s.set_defaults(func=cmd_predict)
 

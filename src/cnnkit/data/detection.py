@@ -6,7 +6,7 @@ into train and val datasets of (image, target).
     image, target = data.train[0]
     # image: tv_tensors.Image uint8 [3, H, W]
     # target: {"boxes": tv_tensors.BoundingBoxes XYXY float32 [N, 4], canvas_size=(H, W),
-    #          "labels": int64 [N], "image_id": int}
+    #          "labels": int64 [N], "image_id": int (its id in the COCO file `cnnkit data convert` writes)}
 
 `transform(image, target)` (torchvision transforms.v2 style) is applied in `__getitem__`, so box-aware
 augmentation moves the boxes with the pixels. A source without a val split is split by the SHA-1
@@ -26,8 +26,8 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from cnnkit.data.classification import VAL_FRACTION, split_rank_key
-from cnnkit.data.formats import (SIZE_MISMATCH, UNREADABLE_IMAGE, DetectionRecord, DetectionSplits, Problems,
-                                 check_on_bad_label, read_any, read_yolo)
+from cnnkit.data.formats import (SIZE_MISMATCH, UNREADABLE_IMAGE, CocoIds, DetectionRecord, DetectionSplits, Problems,
+                                 check_on_bad_label, coco_ids, read_any, read_yolo)
 from cnnkit.data.images import BAD_IMAGE_FIX, DEFAULT_CACHE_BYTES, decode_image, decode_many
 from cnnkit.errors import DataError, ShapeError
 
@@ -42,10 +42,14 @@ class DetectionDataset(Dataset):
     """
 
     def __init__(self, records: Sequence[DetectionRecord], *, pixels: torch.Tensor | None = None,
-                 offsets: torch.Tensor | None = None, transform: Callable | None = None):
+                 offsets: torch.Tensor | None = None, transform: Callable | None = None,
+                 coco_image_ids: Sequence[int] | None = None, split: str | None = None):
         self.records = list(records)
         self.pixels, self.offsets = pixels, offsets
         self.transform = transform
+        # image i's id in the COCO file of its split (`cnnkit.data.formats.coco_ids`), when known
+        self.coco_image_ids = list(coco_image_ids) if coco_image_ids is not None else None
+        self.split = split  # that split's name ("train" for images held out of it for validation)
 
     @property
     def in_memory(self) -> bool:
@@ -55,6 +59,8 @@ class DetectionDataset(Dataset):
         return len(self.records)
 
     def image_id(self, index: int) -> int:
+        if self.coco_image_ids is not None:
+            return self.coco_image_ids[index]
         rec = self.records[index]
         return rec.image_id if rec.image_id is not None else index
 
@@ -109,6 +115,11 @@ class DetectionData:
     def num_classes(self) -> int:
         return len(self.names)
 
+    def coco_ids(self) -> CocoIds:
+        """The ids `cnnkit data convert --to coco` writes for this data (`cnnkit.data.formats.coco_ids`);
+        `train.coco_image_ids` and `val.coco_image_ids` hold those of their images."""
+        return coco_ids(self.splits)
+
 
 def _split_val(records: list[DetectionRecord], root: Path | None) -> tuple[list, list]:
     base = root if root is not None and root.is_dir() else (root.parent if root is not None else None)
@@ -149,6 +160,25 @@ def _decode(records: list[DetectionRecord], problems: Problems, budget: int):
     return [records[i] for i in keep], decoded.pixels, decoded.offsets[idx]
 
 
+def read_detection_splits(spec: str | os.PathLike, *, on_bad_label: str = "error") -> tuple[DetectionSplits, str]:
+    """(the dataset as read, a label for it) of a spec `load_detection_data` takes; no image is decoded."""
+    text = os.fspath(spec)
+    if text in BUILTIN_DETECTION:
+        from cnnkit.data.scenes import ensure_scenes
+        root = ensure_scenes()
+        return read_yolo(root / "data.yaml", on_bad_label=on_bad_label), f"scenes (generated, {root})"
+    from cnnkit.data.config import exists, expand_user
+
+    path = expand_user(text)
+    if not exists(path):
+        close = difflib.get_close_matches(text, BUILTIN_DETECTION, n=1)
+        raise DataError("dataset not found: no such file or folder", path=text,
+                        fix=f"did you mean {close[0]}?" if close else
+                        "give a data YAML, a YOLO / COCO / VOC folder, or the built-in name 'scenes'")
+    splits = read_any(path, on_bad_label=on_bad_label)
+    return splits, f"{path} ({splits.format})"
+
+
 def load_detection_data(spec: str | os.PathLike, *, on_bad_label: str = "error",
                         cache_bytes: int | None = None) -> DetectionData:
     """Load a detection dataset.
@@ -162,22 +192,7 @@ def load_detection_data(spec: str | os.PathLike, *, on_bad_label: str = "error",
     check_on_bad_label(on_bad_label)
     budget = DEFAULT_CACHE_BYTES if cache_bytes is None else int(cache_bytes)
     text = os.fspath(spec)
-    if text in BUILTIN_DETECTION:
-        from cnnkit.data.scenes import ensure_scenes
-        root = ensure_scenes()
-        splits = read_yolo(root / "data.yaml", on_bad_label=on_bad_label)
-        label = f"scenes (generated, {root})"
-    else:
-        from cnnkit.data.config import exists, expand_user
-
-        path = expand_user(text)
-        if not exists(path):
-            close = difflib.get_close_matches(text, BUILTIN_DETECTION, n=1)
-            raise DataError("dataset not found: no such file or folder", path=text,
-                            fix=f"did you mean {close[0]}?" if close else
-                            "give a data YAML, a YOLO / COCO / VOC folder, or the built-in name 'scenes'")
-        splits = read_any(path, on_bad_label=on_bad_label)
-        label = f"{path} ({splits.format})"
+    splits, label = read_detection_splits(spec, on_bad_label=on_bad_label)
 
     problems = Problems(on_bad_label)
     problems.items = list(splits.problems)
@@ -187,20 +202,25 @@ def load_detection_data(spec: str | os.PathLike, *, on_bad_label: str = "error",
                         fix="name a train split with images (YOLO: train: images/train)")
     train = splits.splits["train"]
     val = splits.splits.get("val")
+    val_split = "val"
     if val is None:
+        val_split = "train"
         train, val = _split_val(train, splits.root)
         notes.append(f"no val split: {len(val)} of the train images held out (by SHA-1 of their paths)")
     elif not val:
         raise DataError("the val split has no images", path=str(splits.root or text),
                         fix="put images in the val split, or leave it out to split train 80/20")
 
+    ids = coco_ids(splits)
+    id_of = {id(rec): i for split, recs in splits.splits.items() for rec, i in zip(recs, ids.image_ids[split])}
     datasets = []
     in_memory = True
-    for records in (train, val):
+    for records, split in ((train, "train"), (val, val_split)):
         records, pixels, offsets = _decode(records, problems, budget)
         budget -= int(pixels.numel()) if pixels is not None else 0
         in_memory = in_memory and pixels is not None
-        datasets.append(DetectionDataset(records, pixels=pixels, offsets=offsets))
+        datasets.append(DetectionDataset(records, pixels=pixels, offsets=offsets,
+                                         coco_image_ids=[id_of[id(r)] for r in records], split=split))
     tr, va = datasets
     boxes = sum(len(r.labels) for r in tr.records), sum(len(r.labels) for r in va.records)
     source = (f"{label}: {len(tr)} train / {len(va)} val images, {boxes[0]} / {boxes[1]} boxes, "

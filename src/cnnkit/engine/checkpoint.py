@@ -2,7 +2,9 @@
 
 `torch.load(path, weights_only=True)` reads every checkpoint cnnkit writes, so loading one never
 runs code. Keys: version, task, model {name, kwargs}, names, state_dict, ema, optimizer, scheduler,
-epoch, best_fitness, config, rng, metrics, preprocess.
+epoch, best_fitness, config, rng, metrics, preprocess (what the task needs to turn images into inputs
+and outputs into results: img_size, mean, std, ...; detect: category_ids, the dataset's COCO id of
+each class, absent from checkpoints of earlier versions).
 """
 
 from __future__ import annotations

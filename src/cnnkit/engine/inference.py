@@ -11,7 +11,7 @@ import torch
 from cnnkit.engine import checkpoint as ck
 from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.device import Precision, fp32_depthwise, resolve_device
-from cnnkit.errors import DataError, WeightsError
+from cnnkit.errors import DataError, UsageError, WeightsError
 
 
 @dataclass
@@ -120,8 +120,11 @@ def load_pretrained(model: str, weights: str, *, download: bool = False, device:
 
 def validate(weights: str | Path, *, data: str | None = None, batch_size: int = 128, device: str = "auto",
              precision: str = "auto", channels_last: str = "auto", workers: int = -1,
-             out_dir: str | Path | None = None, log=print) -> dict[str, Any]:
-    """Evaluate a checkpoint on its own validation split or on `data`; draws into out_dir."""
+             out_dir: str | Path | None = None, save: tuple[str, ...] = (), log=print) -> dict[str, Any]:
+    """Evaluate a checkpoint on its own validation split or on `data`; draws into out_dir.
+
+    `save`: the predictions the evaluation scored, as files into out_dir (default: <run>/val), one
+    kind per entry of the task's `saves` (detect: "json", segment: "masks"); `log` gets a line for each."""
     from cnnkit.engine.loop import evaluate
     from cnnkit.engine.trainer import make_loader
 
@@ -138,8 +141,25 @@ def validate(weights: str | Path, *, data: str | None = None, batch_size: int = 
                         path=str(data), fix="validate on data with the same class list")
     loader = make_loader(td.val, cfg, shuffle=False, collate_fn=td.collate_fn, in_memory=td.in_memory,
                          device=t.device)
-    metrics = evaluate(t.model, t.task, loader, t.precision, device=t.device, channels_last=t.channels_last,
-                       names=t.names)
+    writer = None
+    if save:
+        kinds = tuple(dict.fromkeys(save))
+        unknown = [k for k in kinds if k not in t.task.saves]
+        if unknown:
+            offered = ", ".join(f"--save-{k}" for k in t.task.saves) or "none"
+            raise UsageError(f"--save-{unknown[0]} does not apply to a {t.task.name} checkpoint",
+                             fix=f"{t.task.name} offers: {offered}")
+        target = Path(out_dir) if out_dir is not None else Path(weights).resolve().parent.parent / "val"
+        writer = t.task.result_writer(kinds, td, target)
+        t.task.on_prediction = writer.add
+    try:
+        metrics = evaluate(t.model, t.task, loader, t.precision, device=t.device, channels_last=t.channels_last,
+                           names=t.names)
+    finally:
+        t.task.on_prediction = None
+    if writer is not None:
+        for line in writer.close():
+            log(line)
     if out_dir is not None:
         t.task.draw(metrics, Path(out_dir), names=t.names)
     return metrics

@@ -89,6 +89,16 @@ class Task:
         """Pictures of a final evaluation (confusion matrix, PR curves ...) written into out_dir."""
         return None
 
+    # what `cnnkit val --save-KIND` writes for this task: {KIND: what the files hold}
+    saves: dict[str, str] = {}
+    # set while such files are written: `evaluate` hands it (index in the validation set, prediction)
+    # of every validation image, in order, as its metrics see them (one process only)
+    on_prediction: Callable[[int, Any], None] | None = None
+
+    def result_writer(self, kinds: tuple[str, ...], data: TaskData, out_dir) -> "ResultWriter":
+        """A writer of the files `kinds` (keys of `saves`) for the validation set of `data`."""
+        raise UsageError(f"the {self.name} task saves no predictions", fix="drop the --save-* flags")
+
     def move_targets(self, targets: Any, device: torch.device) -> Any:
         return targets.to(device, non_blocking=True) if isinstance(targets, torch.Tensor) else targets
 
@@ -96,6 +106,17 @@ class Task:
 def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     """float32 for half / bfloat16 / integer tensors (losses and metrics after autocast); float64 stays."""
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+class ResultWriter:
+    """Takes each validation prediction (`add`), then writes what is left to write (`close`)."""
+
+    def add(self, index: int, prediction: Any) -> None:
+        raise NotImplementedError
+
+    def close(self) -> list[str]:
+        """Finish; one line per thing written, saying what it is and where."""
+        raise NotImplementedError
 
 
 def normalise(images: torch.Tensor, mean, std) -> torch.Tensor:

@@ -18,7 +18,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from cnnkit.engine import distributed as dist
-from cnnkit.tasks.base import Task, TaskData, square_batches
+from cnnkit.tasks.base import ResultWriter, Task, TaskData, square_batches
 
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45",
            "#fabed4", "#469990", "#dcbeff", "#9a6324", "#800000", "#aaffc3", "#808000", "#000075"]
@@ -47,6 +47,8 @@ class DetectTask(Task):
     name = "detect"
     fitness = "AP50"
     metric_names = ("loss", "AP", "AP50", "AP75", "mAP50_voc07")
+    saves = {"json": "predictions.json: the validation detections val scores (confidence >= 0.001, at most 100 "
+                     "an image) in COCO results format, with the dataset's image and category ids"}
 
     def __init__(self):
         self.conf_threshold = 0.001  # evaluation keeps low-score boxes: AP integrates over all of them
@@ -61,7 +63,9 @@ class DetectTask(Task):
         d = load_detection_data(cfg.data, on_bad_label=cfg.on_bad_label)
         d.train.transform = train_transform(cfg.img_size, cfg.augment)
         d.val.transform = eval_transform(cfg.img_size)
-        meta = {"img_size": cfg.img_size, "channels": 3, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
+        meta = {"img_size": cfg.img_size, "channels": 3, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0],
+                # the dataset's COCO id of each class, for results files (`cnnkit.data.formats.coco_ids`)
+                "category_ids": d.coco_ids().category_ids}
         skipped = [(f"{p}:{line}" if line else str(p), why) for p, line, why in getattr(d, "problems", [])]
         return TaskData(d.train, d.val, list(d.names), collate_fn=detection_collate,
                         in_memory=bool(getattr(d, "in_memory", True)), source=d.source, meta=meta, skipped=skipped)
@@ -140,6 +144,9 @@ class DetectTask(Task):
         if dist.is_sharded(loader):  # torchrun: every process's detections, in validation-set order
             preds, gts, examples = dist.gather_ordered(preds), dist.gather_ordered(gts), dist.gather_ordered(examples)[:16]
             loss_sum, n = dist.sum_across(loss_sum, n)
+        if self.on_prediction is not None:  # `cnnkit val --save-json`: the detections scored here
+            for i, p in enumerate(preds):
+                self.on_prediction(i, p)
         coco = coco_metrics(preds, gts, names)
         voc, curves = voc07_and_curves(preds, gts, names)
         return {"loss": loss_sum / max(1, n), "AP": float(coco["AP"]), "AP50": float(coco["AP50"]),
@@ -196,31 +203,68 @@ class DetectTask(Task):
                 (draw_detections(image, p["det"], names, min_score=0.0).permute(1, 2, 0).numpy(),
                  f"F1 {score:.2f}: {p['tp']} found,\n{p['n_pos'] - p['tp']} missed, {p['fp']} false")]
 
+    # -- results files --------------------------------------------------------------------------
+    def result_writer(self, kinds, data: TaskData, out_dir) -> ResultWriter:
+        if tuple(kinds) != ("json",):
+            return super().result_writer(kinds, data, out_dir)
+        return CocoResultsWriter(data, Path(out_dir) / "predictions.json")
+
     # -- prediction -----------------------------------------------------------------------------
     @torch.no_grad()
     def predict_paths(self, trained, sources, *, out_dir, top_k: int = 5, batch_size: int = 16,
-                      conf_threshold: float = 0.25) -> list[dict]:
+                      conf_threshold: float = 0.25, data=None, log=print) -> list[dict]:
         """Detect objects in every image of `sources`; writes per image a drawn PNG (images/) and a YOLO
-        txt (labels/, `class cx cy w h score` normalised), plus predictions.json in COCO results format."""
-        import json
+        txt (labels/, `class cx cy w h score`, normalised; classes.txt names the classes), plus
+        predictions.json in COCO results format (`cnnkit.tasks.detection_results`).
 
+        Its ids: with `data` (the dataset, as `--data` takes it) each image's id in that dataset's COCO
+        file (found by path, else by file name; an image not in it is a DataError) and its category
+        ids; without, image ids 1..N in file order and the category ids the checkpoint recorded
+        (label + 1 for a checkpoint that has none). `log` gets one line saying which."""
         from PIL import Image
 
         from cnnkit.data.sources import collect_image_paths
         from cnnkit.engine.checkpoint import atomic_path, atomic_write_text
+        from cnnkit.errors import DataError
+        from cnnkit.tasks.detection_results import (checkpoint_category_ids, dataset_ids_for_images,
+                                                    label_plus_one, result_entries, write_results)
 
         paths = collect_image_paths(sources)
+        names = list(trained.names)
+        sizes = {}
+        if data is not None:
+            config = (trained.ckpt.get("config") or {})
+            image_ids, category_ids, sizes = dataset_ids_for_images(
+                paths, data, names, on_bad_label=config.get("on_bad_label", "error"))
+            log(f"predictions.json: image_id and category_id as in the COCO file of {data} "
+                "(what `cnnkit data convert --to coco` writes for it)")
+        else:
+            image_ids = list(range(1, len(paths) + 1))
+            category_ids = checkpoint_category_ids(trained.ckpt, len(names))
+            if category_ids is None:
+                category_ids = label_plus_one(len(names))
+                log("predictions.json: category_id = class index + 1 (this checkpoint records no dataset "
+                    "category ids; checkpoints of this cnnkit version do), and image_id = 1..N in file order; "
+                    "give --data DATA for the dataset's ids")
+            else:
+                log(f"predictions.json: image_id = 1..{len(paths)} in file order (these images' dataset ids are "
+                    "unknown; give --data DATA to use them), category_id = the training data's category ids")
         size = trained.img_size
         out_dir = Path(out_dir)
         rows, coco = [], []
-        image_id = 0
+        atomic_write_text(out_dir / "classes.txt", "".join(f"{n}\n" for n in names))  # read_yolo reads the folder
+        k = 0
         for chunk, originals, x in square_batches(trained, paths, batch_size, self.prepare):
             with trained.precision.autocast():
                 dets = self.detect(trained.model, x, conf_threshold=conf_threshold)
             for p, im, det in zip(chunk, originals, dets):
                 h, w = im.shape[-2:]
-                scale = torch.tensor([w / size, h / size, w / size, h / size])
-                boxes = det["boxes"].float().cpu() * scale
+                expected = sizes.get(Path(p).resolve())
+                if expected is not None and expected != (w, h):
+                    raise DataError(f"the image is {w}x{h} but its namesake in {data} is {expected[0]}x{expected[1]}",
+                                    path=str(p), fix="predict the dataset's own image, or leave out --data")
+                scale = torch.tensor([w / size, h / size, w / size, h / size], dtype=torch.float64)
+                boxes = det["boxes"].double().cpu() * scale
                 det = {"boxes": boxes, "scores": det["scores"].float().cpu(), "labels": det["labels"].cpu()}
                 drawn = draw_detections(im, det, trained.names, min_score=0.0)
                 with atomic_path(out_dir / "images" / f"{p.stem}.png") as tmp:
@@ -229,17 +273,52 @@ class DetectTask(Task):
                 for (x1, y1, x2, y2), s, c in zip(boxes.tolist(), det["scores"].tolist(), det["labels"].tolist()):
                     lines.append(f"{c} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} {(x2 - x1) / w:.6f} "
                                  f"{(y2 - y1) / h:.6f} {s:.5f}")
-                    coco.append({"image_id": image_id, "file_name": p.name, "category_id": c,
-                                 "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
-                                 "score": round(s, 5)})
+                coco += result_entries(det, image_ids[k], category_ids, file_name=p.name)
                 atomic_write_text(out_dir / "labels" / f"{p.stem}.txt", "\n".join(lines) + ("\n" if lines else ""))
                 summary = ", ".join(f"{trained.names[c]} {s:.2f}" for s, c in
                                     zip(det["scores"].tolist()[:5], det["labels"].tolist()[:5]))
                 rows.append({"path": str(p), "detections": len(lines), "summary": f"{p}: {len(lines)} objects"
                              + (f" ({summary})" if summary else "")})
-                image_id += 1
-        atomic_write_text(out_dir / "predictions.json", json.dumps(coco, indent=1))
+                k += 1
+        write_results(out_dir / "predictions.json", coco)
         return rows
+
+
+class CocoResultsWriter(ResultWriter):
+    """`cnnkit val --save-json`: the detections the evaluation scored, in each validation image's own
+    pixels, with the image and category ids of the data's COCO file, as one COCO results file."""
+
+    def __init__(self, data: TaskData, path: Path):
+        self.dataset = data.val
+        self.img_size = int(data.meta["img_size"])
+        self.category_ids = list(data.meta.get("category_ids") or range(1, len(data.names) + 1))
+        self.path = Path(path)
+        self.entries: list[dict] = []
+        self.images = 0
+
+    def add(self, index: int, prediction: dict) -> None:
+        from cnnkit.tasks.detection_results import result_entries
+
+        rec = self.dataset.records[index]
+        s = self.img_size
+        scale = torch.tensor([rec.width / s, rec.height / s, rec.width / s, rec.height / s], dtype=torch.float64)
+        det = {"boxes": prediction["boxes"].double() * scale, "scores": prediction["scores"],
+               "labels": prediction["labels"]}
+        self.entries += result_entries(det, self.dataset.image_id(index), self.category_ids)
+        self.images += 1
+
+    def close(self) -> list[str]:
+        from cnnkit.tasks.detection_results import write_results
+
+        write_results(self.path, self.entries)
+        split = getattr(self.dataset, "split", None) or "val"
+        where = f"annotations/instances_{split}.json of the data's COCO form (`cnnkit data convert DATA OUT --to coco`)"
+        line = (f"{len(self.entries)} detections of {self.images} validation images, ids as in {where}, "
+                f"written to {self.path}")
+        if split != "val":
+            line += (f"; the data has no val split, so these are held-out {split} images: evaluate on their "
+                     "image ids only")
+        return [line]
 
 
 def draw_detections(image: torch.Tensor, det: dict, names: list[str], *, min_score: float = 0.25) -> torch.Tensor:

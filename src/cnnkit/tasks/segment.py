@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from cnnkit.errors import UsageError
 from cnnkit.engine import distributed as dist
-from cnnkit.tasks.base import Task, TaskData, square_batches
+from cnnkit.tasks.base import ResultWriter, Task, TaskData, square_batches
 
 IGNORE_INDEX = 255
 MEDIAN_FREQUENCY = "median-frequency"
@@ -128,6 +128,8 @@ class SegmentTask(Task):
     name = "segment"
     fitness = "mIoU"
     metric_names = ("loss", "mIoU", "pixel_accuracy", "mean_accuracy")
+    saves = {"masks": "masks/<image stem>.png: the predicted index mask of each validation image as val scores it "
+                      "(img-size x img-size; pixel = class index; 8-bit palette PNG, 16-bit over 255 classes)"}
 
     def __init__(self):
         self.class_weights: torch.Tensor | None = None
@@ -227,6 +229,9 @@ class SegmentTask(Task):
             n += x.shape[0]
             pred = logits.argmax(1)
             cm += confusion_matrix(pred, y, n_cls, ignore_index=IGNORE_INDEX)
+            if self.on_prediction is not None:  # `cnnkit val --save-masks`: the masks scored here
+                for k, p in enumerate(pred.cpu()):
+                    self.on_prediction(n - x.shape[0] + k, p)
             for img, p, t in zip(images, pred, masks):
                 if len(examples) >= 8:
                     break
@@ -257,6 +262,11 @@ class SegmentTask(Task):
             plot_grid(pics, caps, out_dir / "val_predictions.png", cols=6)
         return path
 
+    def result_writer(self, kinds, data: TaskData, out_dir) -> ResultWriter:
+        if tuple(kinds) != ("masks",):
+            return super().result_writer(kinds, data, out_dir)
+        return MaskWriter([Path(image) for image, _ in data.val.pairs], len(data.names), Path(out_dir) / "masks")
+
     # -- per-image scores (the run report's gallery) ----------------------------------------------
     @torch.no_grad()
     def score_images(self, model, images, targets, *, device, precision, channels_last=False) -> list[tuple[float, Any]]:
@@ -285,18 +295,17 @@ class SegmentTask(Task):
     # -- prediction -----------------------------------------------------------------------------
     @torch.no_grad()
     def predict_paths(self, trained, sources, *, out_dir, top_k: int = 5, batch_size: int = 16) -> list[dict]:
-        """Segment every image of `sources` at its own size; writes masks/<stem>.png (8-bit palette PNG:
-        pixel value = class index, shown in the VOC colours) and overlays/<stem>.png (the image with the
+        """Segment every image of `sources` at its own size; writes masks/<stem>.png (`mask_png`: pixel
+        value = class index, an 8-bit PNG in the VOC colours) and overlays/<stem>.png (the image with the
         classes blended in)."""
         from PIL import Image
 
         from cnnkit.data.sources import collect_image_paths
         from cnnkit.engine.checkpoint import atomic_path
-        from cnnkit.tasks.segmentation_metrics import overlay, voc_palette
+        from cnnkit.tasks.segmentation_metrics import overlay
 
         paths = collect_image_paths(sources)
         names = trained.names
-        palette = [v for rgb in voc_palette(256) for v in rgb]
         out_dir = Path(out_dir)
         rows = []
         for chunk, originals, x in square_batches(trained, paths, batch_size, self.prepare):
@@ -306,8 +315,7 @@ class SegmentTask(Task):
             for p, im, lg in zip(chunk, originals, logits):
                 h, w = im.shape[-2:]
                 mask = F.interpolate(lg[None], size=(h, w), mode="bilinear", align_corners=False)[0].argmax(0).cpu()
-                png = Image.fromarray(mask.to(torch.uint8).numpy(), mode="L").convert("P")
-                png.putpalette(palette)
+                png = mask_png(mask, len(names))
                 with atomic_path(out_dir / "masks" / f"{p.stem}.png") as tmp:
                     png.save(tmp, format="PNG")
                 blended = overlay(im, mask, num_classes=len(names))
@@ -320,3 +328,46 @@ class SegmentTask(Task):
                 rows.append({"path": str(p), "classes": {names[c]: s for c, s in share},
                              "summary": f"{p}: {summary}"})
         return rows
+
+
+def mask_png(mask: torch.Tensor, num_classes: int):
+    """An index mask as a PIL image: 8-bit with the VOC palette for up to 255 classes (255 is the
+    ignore value), 16-bit grey above; either way the pixel value is the class index."""
+    import numpy as np
+    from PIL import Image
+
+    from cnnkit.tasks.segmentation_metrics import voc_palette
+
+    if num_classes <= 255:
+        png = Image.fromarray(mask.to(torch.uint8).numpy(), mode="L").convert("P")
+        png.putpalette([v for rgb in voc_palette(256) for v in rgb])
+        return png
+    return Image.fromarray(mask.numpy().astype(np.uint16))
+
+
+class MaskWriter(ResultWriter):
+    """`cnnkit val --save-masks`: each validation image's predicted mask, as the evaluation scored it, in
+    `folder`/<image stem>.png (a stem several images share gets _1, _2 ... in validation order)."""
+
+    def __init__(self, image_paths: list[Path], num_classes: int, folder: Path):
+        self.folder, self.num_classes = Path(folder), int(num_classes)
+        self.names, taken = [], set()
+        for p in image_paths:
+            stem, k = p.stem, 1
+            while stem.lower() in taken:
+                stem, k = f"{p.stem}_{k}", k + 1
+            taken.add(stem.lower())
+            self.names.append(f"{stem}.png")
+        self.written, self.size = 0, None
+
+    def add(self, index: int, prediction: torch.Tensor) -> None:
+        from cnnkit.engine.checkpoint import atomic_path
+
+        with atomic_path(self.folder / self.names[index]) as tmp:
+            mask_png(prediction, self.num_classes).save(tmp, format="PNG")
+        self.written += 1
+        self.size = tuple(prediction.shape[-2:])
+
+    def close(self) -> list[str]:
+        frame = f" at {self.size[1]}x{self.size[0]}, the size val scores them at," if self.size else ""
+        return [f"{self.written} predicted masks{frame} (pixel = class index) written to {self.folder}"]

@@ -62,7 +62,8 @@ class DetectionRecord:
     """One image and its boxes: `boxes` float64 [N, 4] XYXY absolute pixels, `labels` int64 [N].
 
     `width`, `height` are the image's size as displayed (after EXIF orientation); `image_id` is the
-    source's own id where it has one (COCO), else None.
+    source's own id where it has one (COCO), else None; `scores` float64 [N], the confidence of each
+    box, only for predictions read back (`read_yolo(..., with_scores=True)`), else None.
     """
 
     image_path: Path
@@ -71,6 +72,7 @@ class DetectionRecord:
     boxes: torch.Tensor
     labels: torch.Tensor
     image_id: int | None = None
+    scores: torch.Tensor | None = None
 
     def __post_init__(self):
         self.image_path = Path(self.image_path)
@@ -78,6 +80,10 @@ class DetectionRecord:
         self.labels = torch.as_tensor(self.labels, dtype=torch.int64).reshape(-1)
         if self.boxes.shape[0] != self.labels.shape[0]:
             raise ValueError(f"{self.boxes.shape[0]} boxes but {self.labels.shape[0]} labels")
+        if self.scores is not None:
+            self.scores = torch.as_tensor(self.scores, dtype=torch.float64).reshape(-1)
+            if self.scores.shape[0] != self.labels.shape[0]:
+                raise ValueError(f"{self.scores.shape[0]} scores for {self.labels.shape[0]} boxes")
 
 
 @dataclass
@@ -85,7 +91,9 @@ class DetectionSplits:
     """A whole dataset in memory: class `names`, records per split ("train", "val", "test", ...).
 
     `problems` lists (file, line or None, "kind: detail") of what on_bad_label="skip" left out;
-    `notes` holds remarks worth printing; `format` is "yolo", "coco" or "voc"; `root` the source.
+    `notes` holds remarks worth printing; `format` is "yolo", "coco" or "voc"; `root` the source;
+    `category_ids[label]` is the source's own id of each class where it has them (COCO), else None
+    (see `coco.coco_ids` for the ids a COCO file of this data holds).
     """
 
     names: list[str]
@@ -94,6 +102,7 @@ class DetectionSplits:
     notes: list[str] = field(default_factory=list)
     format: str = ""
     root: Path | None = None
+    category_ids: list[int] | None = None
 
     def describe(self) -> str:
         """'train 2000 images / 5012 boxes, val 300 images / 740 boxes, 10 classes'."""
@@ -126,21 +135,22 @@ def check_on_bad_label(value: str) -> None:
                          fix="use on_bad_label='error' or 'skip'")
 
 
-def check_box(x1: float, y1: float, x2: float, y2: float, width: int, height: int
+def check_box(x1: float, y1: float, x2: float, y2: float, width: int, height: int, *, allow_empty: bool = False
               ) -> tuple[tuple[float, float, float, float] | None, str, str]:
-    """(clipped box, "", "") for a good box, else (None, kind, detail). Rules in the module docstring."""
+    """(clipped box, "", "") for a good box, else (None, kind, detail). Rules in the module docstring;
+    `allow_empty` lets a box of zero width or height through (a prediction can be one)."""
     values = (x1, y1, x2, y2)
     shown = "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
     if not all(math.isfinite(v) for v in values):
         return None, MALFORMED_LINE, f"box {shown} holds a non-finite number"
-    if x2 <= x1 or y2 <= y1:
+    if x2 < x1 or y2 < y1 or (not allow_empty and (x2 == x1 or y2 == y1)):
         return None, BOX_EMPTY, f"XYXY box {shown} is {x2 - x1:.6g} x {y2 - y1:.6g} px"
     t = CLIP_TOLERANCE
     if x1 < -t or y1 < -t or x2 > width + t or y2 > height + t:
         return None, BOX_OUTSIDE, (f"XYXY box {shown} leaves the {width}x{height} image by more than "
                                    f"{t:g} px")
     c = (min(max(x1, 0.0), width), min(max(y1, 0.0), height), min(max(x2, 0.0), width), min(max(y2, 0.0), height))
-    if c[2] <= c[0] or c[3] <= c[1]:
+    if (c[2] < c[0] or c[3] < c[1]) if allow_empty else (c[2] <= c[0] or c[3] <= c[1]):
         return None, BOX_EMPTY, f"XYXY box {shown} is empty once clipped to the {width}x{height} image"
     return c, "", ""
 
@@ -278,6 +288,11 @@ def check_splits(splits: DetectionSplits) -> None:
             raise DataError(f"class name {k} ({name!r}) {what}; the files could not hold it",
                             fix="rename the class (letters, digits, spaces inside, no line breaks)")
     n = len(splits.names)
+    ids = splits.category_ids
+    if ids is not None and (len(ids) != n or len(set(ids)) != n
+                            or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
+        raise DataError(f"category_ids {list(ids)} are not {n} distinct integers, one per class name",
+                        fix="give each class its own integer id, or none (ids 1..K are then written)")
     for split, recs in splits.splits.items():
         for rec in recs:
             if rec.labels.numel() and (int(rec.labels.min()) < 0 or int(rec.labels.max()) >= n):
@@ -319,12 +334,12 @@ def read_any(src: str | os.PathLike, *, on_bad_label: str = "error") -> Detectio
 
 
 # the readers and writers use the definitions above, so they are imported last
-from cnnkit.data.formats.coco import read_coco, write_coco  # noqa: E402
+from cnnkit.data.formats.coco import CocoIds, coco_ids, read_coco, write_coco  # noqa: E402
 from cnnkit.data.formats.voc import read_voc, write_voc  # noqa: E402
 from cnnkit.data.formats.yolo import read_yolo, write_yolo  # noqa: E402
 
 WRITERS: dict[str, Callable[..., Path]] = {"yolo": write_yolo, "coco": write_coco, "voc": write_voc}
 
-__all__ = ["DetectionRecord", "DetectionSplits", "Problems", "check_box", "detect_format", "read_any",
+__all__ = ["CocoIds", "DetectionRecord", "DetectionSplits", "coco_ids", "Problems", "check_box", "detect_format", "read_any",
            "read_coco", "read_voc", "read_yolo", "summarize_problems", "write_coco", "write_voc", "write_yolo",
            "WRITERS", "CLIP_TOLERANCE", "ON_BAD_LABEL"]

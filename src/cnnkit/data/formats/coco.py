@@ -7,8 +7,17 @@
 The split of a file comes from its name (instances_train2017.json -> train). Its images are looked
 for, by `file_name`, in images/<name>, images/<split>, <name>, <split>, images/ and the root, in that
 order (<name> is the file's stem without "instances_", e.g. train2017). Categories, whatever their
-ids (COCO's own run 1..90 with gaps), become labels 0..K-1 in ascending id order; writing numbers
-them 1..K. Crowd annotations (iscrowd = 1) are left out and counted in `notes`, as ultralytics does.
+ids (COCO's own run 1..90 with gaps), become labels 0..K-1 in ascending id order, and the ids are
+kept (`DetectionSplits.category_ids`). Crowd annotations (iscrowd = 1) are left out and counted in
+`notes`, as ultralytics does.
+
+The ids a COCO file of a dataset holds come from one function, `coco_ids`: the writer, and every
+results file cnnkit writes for a dataset (`cnnkit val --save-json`, `cnnkit predict --data`), number
+images and categories through it, so a results file always matches the ground truth that
+`cnnkit data convert --to coco` writes (or the COCO source itself):
+    category id of label k   the source's own id (COCO), else k + 1
+    image id                 the image's own id (COCO) when every image of its split has a distinct
+                             one, else its 1-based position in the split
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from cnnkit.data.config import OUTSIDE_ROOT, exists, is_dir, is_file, resolve_inside
@@ -246,36 +256,69 @@ def read_coco(src: str | os.PathLike, *, on_bad_label: str = "error") -> Detecti
     order = {"train": 0, "val": 1, "test": 2}
     splits = dict(sorted(splits.items(), key=lambda kv: (order.get(kv[0], 3), kv[0])))
     return DetectionSplits(names=list(names), splits=splits, problems=problems.items, notes=notes,
-                           format="coco", root=path.resolve())
+                           format="coco", root=path.resolve(), category_ids=list(ids))
+
+
+# ---------------------------------------------------------------- ids
+
+@dataclass
+class CocoIds:
+    """The ids a COCO file of a dataset holds: `category_ids[label]`, and per split `image_ids[split][i]`
+    for record i of `splits.splits[split]`."""
+
+    category_ids: list[int]
+    image_ids: dict[str, list[int]]
+
+    def category_id(self, label: int) -> int:
+        return self.category_ids[int(label)]
+
+    def by_path(self, splits: DetectionSplits) -> dict[str, dict[Path, int]]:
+        """Per split, {resolved image path: image id}."""
+        return {split: {Path(r.image_path).resolve(): i for r, i in zip(recs, self.image_ids[split])}
+                for split, recs in splits.splits.items()}
+
+
+def split_image_ids(records: list[DetectionRecord]) -> list[int]:
+    """The records' own image ids when every one has a distinct id, else 1..N in order."""
+    own = [r.image_id for r in records]
+    if all(i is not None for i in own) and len(set(own)) == len(own):
+        return [int(i) for i in own]
+    return list(range(1, len(records) + 1))
+
+
+def coco_ids(splits: DetectionSplits) -> CocoIds:
+    """The image and category ids that `write_coco` writes for `splits` (module docstring): a COCO
+    source keeps its own (gaps and all), any other source gets 1..K and 1..N per split."""
+    cats = list(splits.category_ids) if splits.category_ids is not None else list(range(1, len(splits.names) + 1))
+    return CocoIds(category_ids=cats, image_ids={s: split_image_ids(r) for s, r in splits.splits.items()})
 
 
 # ---------------------------------------------------------------- writing
 
-def coco_document(records: list[DetectionRecord], names: list[str], file_names: list[str]) -> dict:
-    """One split as a COCO dict: category ids 1..K, the records' own image ids where they are unique
-    (else 1..N), bbox [x, y, w, h] rounded to 1e-6 px, area = w * h."""
-    own = [r.image_id for r in records]
-    keep = all(i is not None for i in own) and len(set(own)) == len(own)
+def coco_document(records: list[DetectionRecord], names: list[str], file_names: list[str],
+                  image_ids: list[int], category_ids: list[int]) -> dict:
+    """One split as a COCO dict with the ids `coco_ids` gives: bbox [x, y, w, h] rounded to 1e-6 px,
+    area = w * h, annotation ids 1..M."""
     images, annotations = [], []
-    for k, (rec, name) in enumerate(zip(records, file_names)):
-        image_id = rec.image_id if keep else k + 1
+    for rec, name, image_id in zip(records, file_names, image_ids):
         images.append({"id": image_id, "file_name": name, "width": rec.width, "height": rec.height})
         for (x1, y1, x2, y2), c in zip(rec.boxes.tolist(), rec.labels.tolist()):
             w, h = x2 - x1, y2 - y1
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": c + 1,
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category_ids[c],
                                 "bbox": [round(x1, 6), round(y1, 6), round(w, 6), round(h, 6)],
                                 "area": round(w * h, 6), "iscrowd": 0})
     return {"info": {"description": "written by cnnkit"}, "licenses": [],
-            "categories": [{"id": i + 1, "name": n, "supercategory": ""} for i, n in enumerate(names)],
+            "categories": [{"id": i, "name": n, "supercategory": ""} for i, n in zip(category_ids, names)],
             "images": images, "annotations": annotations}
 
 
 def write_coco_json(root: Path, splits: DetectionSplits, file_names: dict[str, list[str]]) -> None:
     """annotations/instances_<split>.json for images already at images/<split>/<file_names[split][i]>;
-    `root` is a staging folder (see `staging_dir`)."""
+    `root` is a staging folder (see `staging_dir`). Ids from `coco_ids`."""
     (root / "annotations").mkdir(parents=True, exist_ok=True)
+    ids = coco_ids(splits)
     for split, recs in splits.splits.items():
-        doc = coco_document(recs, splits.names, file_names[split])
+        doc = coco_document(recs, splits.names, file_names[split], ids.image_ids[split], ids.category_ids)
         (root / "annotations" / f"instances_{split}.json").write_text(
             json.dumps(doc, separators=(",", ":"), ensure_ascii=False), encoding="utf-8")
 

@@ -4,6 +4,11 @@
     images/train/x.jpg        train / val / test: a folder, a list of folders, or a .txt list of images
     labels/train/x.txt        one line per box: `class cx cy w h`, all four normalised to 0..1
 
+Predictions (`cnnkit predict` writes labels/x.txt, ultralytics' save_conf does the same) add a
+confidence: `class cx cy w h score`; `read_yolo(..., with_scores=True)` reads such files (and only
+such lines), keeping the scores in `DetectionRecord.scores`, and keeps a predicted box of zero width or
+height (as the model output it). Training data never takes a sixth field, nor an empty box.
+
 An image's label file is its path with the last `images` folder replaced by `labels` and the
 extension by `.txt` (as ultralytics does); an image without one is a background image. A line of
 `class x1 y1 x2 y2 x3 y3 ...` (a segmentation polygon, normalised) counts as the polygon's box.
@@ -13,6 +18,7 @@ classes.txt (one per line). Writing leaves `path` out of data.yaml, so the folde
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,23 +205,31 @@ def _read_folder(root: Path) -> tuple[dict[str, _Source], list[str]]:
     return sources, names
 
 
-def _parse_labels(label: Path, width: int, height: int, n_classes: int, problems: Problems
-                  ) -> tuple[list[tuple[float, float, float, float]], list[int]] | None:
-    """Boxes and classes of one label file (good lines only); None when the whole file is bad."""
+def _parse_labels(label: Path, width: int, height: int, n_classes: int, problems: Problems,
+                  with_scores: bool = False
+                  ) -> tuple[list[tuple[float, float, float, float]], list[int], list[float]] | None:
+    """Boxes, classes and (with_scores) confidences of one label file (good lines only); None when
+    the whole file is bad."""
     try:
         text = label.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         problems.report(MALFORMED_FILE, "not UTF-8 text", label, fix=LINE_FIX)
         return None
-    boxes, classes = [], []
+    boxes, classes, scores = [], [], []
     for lineno, raw in enumerate(text.splitlines(), 1):
         fields = raw.split()
         if not fields:
             continue
         n = len(fields)
-        if n != 5 and (n < 7 or n % 2 == 0):
+        if with_scores and n != 6:
+            problems.report(MALFORMED_LINE, f"{n} fields, expected 6 in a prediction (class cx cy w h score)",
+                            label, lineno, fix="read labels without with_scores, or correct the line")
+            continue
+        if not with_scores and n != 5 and (n < 7 or n % 2 == 0):
             problems.report(MALFORMED_LINE, f"{n} fields, expected 5 (class cx cy w h) or a polygon "
-                            "(class x1 y1 x2 y2 x3 y3 ...)", label, lineno, fix=LINE_FIX)
+                            "(class x1 y1 x2 y2 x3 y3 ...)" + (" (a prediction with its score? read it with "
+                                                             "with_scores=True)" if n == 6 else ""),
+                            label, lineno, fix=LINE_FIX)
             continue
         try:
             values = [float(f) for f in fields]
@@ -226,14 +240,18 @@ def _parse_labels(label: Path, width: int, height: int, n_classes: int, problems
         if not values[0].is_integer():
             problems.report(MALFORMED_LINE, f"class id {fields[0]!r} is not an integer", label, lineno, fix=LINE_FIX)
             continue
+        if with_scores and not math.isfinite(values[5]):
+            problems.report(MALFORMED_LINE, f"score {fields[5]!r} is not a finite number", label, lineno,
+                            fix="correct the line")
+            continue
         cls = int(values[0])
         if not 0 <= cls < n_classes:
             problems.report(CLASS_OUT_OF_RANGE, f"class {cls}, but names has {n_classes} classes (0..{n_classes - 1})",
                             label, lineno, fix="correct the class id or add the class to 'names'")
             continue
-        if n == 5:
-            cx, cy, w, h = values[1:]
-            if w <= 0 or h <= 0:
+        if n in (5, 6):
+            cx, cy, w, h = values[1:5]
+            if w < 0 or h < 0 or (not with_scores and (w == 0 or h == 0)):  # a prediction may be degenerate
                 problems.report(BOX_EMPTY, f"normalised width {fields[3]}, height {fields[4]}", label, lineno,
                                 fix="delete the line or give the box a positive size")
                 continue
@@ -241,14 +259,15 @@ def _parse_labels(label: Path, width: int, height: int, n_classes: int, problems
         else:
             xs, ys = values[1::2], values[2::2]
             x1, y1, x2, y2 = min(xs) * width, min(ys) * height, max(xs) * width, max(ys) * height
-        box, kind, detail = check_box(x1, y1, x2, y2, width, height)
+        box, kind, detail = check_box(x1, y1, x2, y2, width, height, allow_empty=with_scores)
         if box is None:
             problems.report(kind, detail, label, lineno, fix="correct the box (YOLO numbers are fractions "
                             "of the image width and height)")
             continue
         boxes.append(box)
         classes.append(cls)
-    return boxes, classes
+        scores.append(values[5] if with_scores else 1.0)
+    return boxes, classes, scores
 
 
 def is_number(text: str) -> bool:
@@ -260,8 +279,9 @@ def is_number(text: str) -> bool:
         return False
 
 
-def read_yolo(src: str | os.PathLike, *, on_bad_label: str = "error") -> DetectionSplits:
-    """Read a data YAML, or a folder holding one (data.yaml) or images/<split>/ + labels/<split>/."""
+def read_yolo(src: str | os.PathLike, *, on_bad_label: str = "error", with_scores: bool = False) -> DetectionSplits:
+    """Read a data YAML, or a folder holding one (data.yaml) or images/<split>/ + labels/<split>/.
+    `with_scores`: read predictions (`class cx cy w h score` lines), the scores into `record.scores`."""
     problems = Problems(on_bad_label)
     path = Path(src).expanduser()
     if config.is_file(path):
@@ -293,13 +313,14 @@ def read_yolo(src: str | os.PathLike, *, on_bad_label: str = "error") -> Detecti
                 continue
             width, height = size
             label = label_path_for(image)
-            boxes, classes = [], []
+            boxes, classes, scores = [], [], []
             if config.is_file(label):
-                parsed = _parse_labels(label, width, height, len(names), problems)
+                parsed = _parse_labels(label, width, height, len(names), problems, with_scores)
                 if parsed is None:
                     continue
-                boxes, classes = parsed
-            records.append(DetectionRecord(image, width, height, boxes, classes))
+                boxes, classes, scores = parsed
+            records.append(DetectionRecord(image, width, height, boxes, classes,
+                                           scores=scores if with_scores else None))
         if images and not any(config.is_file(label_path_for(p)) for p in images):
             notes.append(f"split {split!r}: no label files found (looked for {label_path_for(images[0])}, ...); "
                          "every image is a background image")
