@@ -123,3 +123,30 @@ def test_demo_quick_runs_each_task(task, tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "demo:" in out and (tmp_path / "runs" / task / "demo" / "weights" / "best.pt").is_file()
     assert any((tmp_path / "runs" / task / "demo" / "predict").iterdir())
+
+
+def test_demo_trains_each_task_to_a_time_budget():
+    from cnnkit.demo import DEMO_MINUTES, demo_config, task_demo_config
+
+    configs = {"classify": demo_config(), "detect": task_demo_config("detect"), "segment": task_demo_config("segment")}
+    assert sum(DEMO_MINUTES.values()) <= 24  # with validation, prediction and the closing page: about 25 min
+    for task, cfg in configs.items():
+        assert (cfg.task, cfg.time, cfg.epochs) == (task, DEMO_MINUTES[task], 0)  # the budget alone sets the epochs
+    quick = demo_config(quick=True)
+    assert (quick.time, quick.epochs) == (0.0, 1)
+
+
+def test_ctrl_c_during_the_demo_is_one_line(monkeypatch, capsys, tmp_path):
+    import signal
+
+    from cnnkit import demo
+    from cnnkit.engine.loop import TrainingInterrupted
+
+    def interrupted(**kwargs):
+        raise TrainingInterrupted(signal.SIGINT, tmp_path / "last.pt", "detect", 2, 5)
+
+    monkeypatch.setattr(demo, "run_demo", interrupted)
+    code, out, err = run(capsys, "demo", "--task", "detect")
+    assert code == 130 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "stopped by SIGINT" in lines[0] and "--resume" in lines[0]

@@ -4,7 +4,7 @@ The run measures how long its own steps take over the first steps of its first e
 of epochs so that training, each epoch's evaluation and the final pictures and report end inside the
 budget, and refits the learning-rate schedule (warm-up, cosine or step) to those epochs. After every
 epoch the plan is checked against the measured epoch time (training + evaluation) and cut when the
-budget would be overrun; it may grow once, after the first epoch, when the first estimate was low.
+budget would be overrun; in its first half it may grow, when the first estimate was low.
 A resumed run keeps what was left: the time already used travels in the checkpoint. With `--epochs`
 as well, whichever ends first; `epochs=0` with a budget means as many epochs as fit.
 
@@ -25,6 +25,7 @@ from cnnkit.errors import UsageError
 EVAL_COST = 0.5
 FINAL_FIXED_S = 4.0
 PLAN_AFTER_STEPS = 10
+GROW_MARGIN = 1.10  # the plan grows only if the extra epochs fit at a 10% slower pace (epochs vary ~10% here)
 
 
 def check_minutes(minutes) -> float:
@@ -49,7 +50,6 @@ class Budget:
     start: float = field(default_factory=lambda: time.perf_counter())
     epoch_times: list[float] = field(default_factory=list)  # training + evaluation, epochs of this process
     eval_times: list[float] = field(default_factory=list)
-    grew: bool = False
 
     def used(self) -> float:
         return self.used_before + time.perf_counter() - self.start
@@ -87,8 +87,10 @@ class Budget:
         self.eval_times.append(eval_s)
 
     def replan(self, *, epochs_done: int, planned: int) -> int:
-        """After an epoch: the epochs in all that still fit the budget, given the measured epoch time.
-        The plan only shrinks, except once after the first epoch (a low first estimate)."""
+        """After an epoch: the epochs in all that still fit the budget, given the measured epoch time
+        (the slower of the mean and the last epoch). The plan shrinks whenever it would overrun; it grows
+        only in its first half, and only when the extra epochs fit at a `GROW_MARGIN` slower pace (a
+        first estimate taken while the machine was busy)."""
         epoch_s = max(sum(self.epoch_times) / len(self.epoch_times), self.epoch_times[-1])  # the slower pace
         eval_s = max(self.eval_times)
         spare = self.remaining() - self.final_reserve(eval_s)
@@ -96,9 +98,9 @@ class Budget:
         fit = self._cap(max(fit, epochs_done))
         if fit < planned:
             return fit
-        if fit > planned and not self.grew and len(self.epoch_times) == 1:
-            self.grew = True
-            return fit
+        grown = epochs_done + max(0, math.floor(spare / (epoch_s * GROW_MARGIN)))  # grow only with room to spare
+        if self._cap(grown) > planned and epochs_done <= planned / 2:  # late growth would raise the lr again
+            return self._cap(grown)
         return planned
 
 
