@@ -122,7 +122,8 @@ def machine_line(device: str) -> str:
     c = cpu_description()
     parts = [f"{c['cpu']}, {c['cores']} cores available, {c['mem_gib']} GiB",
              f"CPU flags {', '.join(c['bf16_flags']) or 'none of avx512f/avx512_bf16/amx'}"
-             f" (oneDNN bf16: {'yes' if cpu_supports_bf16() else 'no'})",
+             f" (oneDNN bf16: {'yes' if cpu_supports_bf16() else 'no'})"
+             + "".join(f", {k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ),
              f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads",
              f"Python {platform.python_version()}"]
     if device == "cuda":
@@ -845,7 +846,8 @@ def main() -> None:
     t_start = time.perf_counter()
     print(f"machine: {machine_line(args.device)}", flush=True)
     peaks = measure_peaks(args.device)
-    print("conv peaks GFLOP/s: " + ", ".join(f"{k} {v:,.0f}" for k, v in peaks.items()), flush=True)
+    print("conv peaks GFLOP/s: " + ", ".join(f"{k} {'n/a' if v is None else f'{v:,.0f}'}" for k, v in peaks.items()),
+          flush=True)
     results: dict[str, dict[str, list]] = {}
     for n in names:
         spec = {"case": n, "device": args.device, "threads": args.threads, **_scaled(CASES[n], args)}
@@ -861,7 +863,7 @@ def main() -> None:
                       + (f", data {res['data_ips']:.0f} img/s" if "data_ips" in res else "")
                       + f"  ({res['wall_s']:.0f} s)", flush=True)
     again = measure_peaks(args.device)  # the peak is a property of the machine: keep the better of two
-    peaks = {k: max(v, again[k]) for k, v in peaks.items()}
+    peaks = {k: None if v is None else max(v, again[k]) for k, v in peaks.items()}
     table, _summary = build_table(results, peaks, args.device)
     elapsed = time.perf_counter() - t_start
     text = section_text(table, peaks, args.device, args, results, elapsed)
