@@ -144,6 +144,8 @@ def test_the_model_is_not_touched(cache, virtual_clock):
 
 
 def test_the_cache_key_names_the_cpu_override(monkeypatch):
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     plain = probe.cpu_identity()
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
     assert probe.cpu_identity() != plain and "ATEN_CPU_CAPABILITY=avx2" in probe.cpu_identity()
