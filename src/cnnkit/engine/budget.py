@@ -118,7 +118,7 @@ class BudgetPlan:
         self.epochs = planned  # 0 until planned
         self.times: list[float] = []
 
-    def on_step(self, inner, epoch: int, epochs: int):
+    def on_step(self, inner, epoch: int):
         if self.times is None:  # planned already in this process
             return inner
         self.times = []  # steps of one epoch only: an evaluation between two steps is no step time
@@ -131,10 +131,10 @@ class BudgetPlan:
             self.times.append(time.perf_counter())
             if len(self.times) == PLAN_AFTER_STEPS:
                 step_s = (self.times[-1] - self.times[0]) / (len(self.times) - 1)  # the first step is a warm-up
-                self.plan(epoch, step_s, self.iters - (s + 1), epochs)
+                self.plan(epoch, step_s, self.iters - (s + 1))
         return step
 
-    def plan(self, epoch: int, step_s: float, steps_left: int, epochs: int) -> None:
+    def plan(self, epoch: int, step_s: float, steps_left: int) -> None:
         from cnnkit.engine import distributed as dist
 
         self.times = None

@@ -124,13 +124,18 @@ def candidates(precision: str, channels_last: str | bool, device: torch.device) 
         precs = ["fp32", "bf16"] if device.type == "cpu" and cpu_supports_bf16() else ["fp32"]
     else:
         precs = [precision]
-    if isinstance(channels_last, bool):
-        layouts = [channels_last]
-    elif channels_last == "auto":
-        layouts = [False, True]
-    else:
-        layouts = [str(channels_last).lower() in ("1", "true", "yes", "on")]
+    layouts = [False, True] if channels_last == "auto" else [_forced_layout(channels_last)]
     return precs, layouts
+
+
+def _forced_layout(setting: str | bool) -> bool:
+    return setting if isinstance(setting, bool) else str(setting).lower() in ("1", "true", "yes", "on")
+
+
+def _chosen(label: str, device: torch.device, times: dict, how: str, failed=()) -> Choice:
+    """The Choice of a candidate label such as "bf16/cl"."""
+    p, c = label.split("/")
+    return Choice(resolve_precision(p, device), c == "cl", dict(times), how, tuple(failed))
 
 
 def choose(model: nn.Module, *, device: torch.device, precision: str, channels_last: str | bool,
@@ -145,8 +150,7 @@ def choose(model: nn.Module, *, device: torch.device, precision: str, channels_l
     number state is restored afterwards, so a run trains the same whether or not it measured."""
     if device.type != "cpu":
         prec = resolve_precision(precision, device)
-        cl = channels_last if isinstance(channels_last, bool) else (
-            True if channels_last == "auto" else str(channels_last).lower() in ("1", "true", "yes", "on"))
+        cl = True if channels_last == "auto" else _forced_layout(channels_last)
         return Choice(prec, cl, how="rule" if "auto" in (precision, channels_last) else "forced")
     precs, layouts = candidates(precision, channels_last, device)
     labels = [_label(p, c) for p in precs for c in layouts]
@@ -156,8 +160,7 @@ def choose(model: nn.Module, *, device: torch.device, precision: str, channels_l
     key = _cache_key(kind, model_id, shape, labels)
     hit = _read_cache().get(key)
     if hit and hit.get("choice") in labels:
-        p, c = hit["choice"].split("/")
-        return Choice(resolve_precision(p, device), c == "cl", dict(hit.get("times", {})), "cached")
+        return _chosen(hit["choice"], device, hit.get("times", {}), "cached")
     times, failed = _measure(model, device, precs, layouts, step, log)
     noisy = bool(times.pop("noisy", None))
     if not times:  # nothing ran: the plain settings, and the run's own error will say why
@@ -166,13 +169,11 @@ def choose(model: nn.Module, *, device: torch.device, precision: str, channels_l
     if noisy:
         log("probe: the timed steps varied by more than "
             f"{NOISY:g}x (a busy machine?); the choice is used for this run only, not cached")
-        p, c = best.split("/")
-        return Choice(resolve_precision(p, device), c == "cl", times, "measured, noisy", tuple(failed))
+        return _chosen(best, device, times, "measured, noisy", failed)
     _write_cache(key, {"choice": best, "times": times, "cpu": cpu_identity(), "model": model_id,
                        "shape": list(shape), "kind": kind, "torch": torch.__version__,
                        "threads": torch.get_num_threads()})
-    p, c = best.split("/")
-    return Choice(resolve_precision(p, device), c == "cl", times, "measured", tuple(failed))
+    return _chosen(best, device, times, "measured", failed)
 
 
 def _pick(times: dict[str, float]) -> str:

@@ -199,9 +199,14 @@ def _save_if_finite(path: Path, state: dict[str, Any], where: str) -> None:
 def choose_training_settings(cfg: TrainConfig, task, model, data, device: torch.device, batch: int, log) -> Choice:
     """Precision and memory layout of the run: forced by --precision / --channels-last, else measured on
     this model at this batch and input size (`cnnkit.engine.probe`); rank 0 measures, every process uses it."""
+    probe_batch: list = []  # read only when a measurement is needed (not on a cache hit)
+
     def step(m, precision, channels_last):
-        train_mode(m)
+        if not probe_batch:
+            collate = data.collate_fn or torch.utils.data.default_collate
+            probe_batch.extend(collate([data.train[i] for i in range(min(batch, len(data.train)))]))
         images, targets = probe_batch
+        train_mode(m)
         with precision.autocast():
             loss, _ = task.loss(m, to_device(images, task, device, channels_last), task.move_targets(targets, device))
         loss.backward()
@@ -210,19 +215,9 @@ def choose_training_settings(cfg: TrainConfig, task, model, data, device: torch.
 
     choice = None
     if dist.is_main():
-        n = min(batch, len(data.train))
-        shape = (batch, *_sample_shape(data.train[0]))
-        probe_batch = None
-
-        def lazy_step(m, precision, channels_last):  # the batch is read only when a measurement is needed
-            nonlocal probe_batch
-            if probe_batch is None:
-                collate = data.collate_fn or torch.utils.data.default_collate
-                probe_batch = collate([data.train[i] for i in range(n)])
-            step(m, precision, channels_last)
-
         choice = choose(model, device=device, precision=cfg.precision, channels_last=cfg.channels_last,
-                        model_id=model_id(model, cfg.task), shape=shape, step=lazy_step, kind="train", log=log)
+                        model_id=model_id(model, cfg.task), shape=(batch, *_sample_shape(data.train[0])),
+                        step=step, kind="train", log=log)
     return dist.broadcast_object(choice)
 
 
@@ -387,13 +382,13 @@ def _fit(cfg: TrainConfig, *, resume, explicit_model, extend_epochs, log, on_ste
                                 channels_last=channels_last, scaler=scaler, ema=ema, clip_grad=cfg.clip_grad,
                                 max_steps=(cfg.max_steps - steps_done) if cfg.max_steps else 0,
                                 epoch=epoch, epochs=epochs, progress=cfg.progress and dist.is_main(),
-                                on_step=plan.on_step(on_step, epoch, epochs) if plan else on_step, stop=stop,
+                                on_step=plan.on_step(on_step, epoch) if plan else on_step, stop=stop,
                                 skip_nonfinite=cfg.skip_nonfinite,
                                 start_step=start_step if first else 0, resume_rng=resume_rng if first else None,
                                 resume_totals=partial if first else None)
         steps_done += train["steps"]
         if plan and not plan.epochs and train["steps"] and train["interrupted_at"] is None:
-            plan.plan(epoch, train["train_time_s"] / train["steps"], 0, epochs)  # fewer steps than the planning needs
+            plan.plan(epoch, train["train_time_s"] / train["steps"], 0)  # fewer steps than the planning needs
         if train["interrupted_at"] is not None:  # a signal: save this step and stop
             interrupted = (stop.signum or signal.SIGTERM, epoch, train["interrupted_at"])
             if dist.is_main():
