@@ -324,7 +324,9 @@ def worker_cnnkit(case: Case, spec: dict) -> dict:
     import torch
 
     import cnnkit.engine.trainer as trainer
+    from cnnkit.engine.device import resolve_device
     from cnnkit.engine.inference import _place
+    from cnnkit.engine.probe import ProbeRequest
     from cnnkit.models import build_model
 
     device, steps, warmup = spec["device"], spec["steps"], spec["warmup"]
@@ -335,8 +337,9 @@ def worker_cnnkit(case: Case, spec: dict) -> dict:
         captured.setdefault("model", model)
         captured.setdefault("task", task)
         captured.setdefault("loader", loader)
-        captured.setdefault("precision", a[2] if len(a) > 2 else k.get("precision"))
-        captured.setdefault("channels_last", k.get("channels_last"))
+        run = a[1] if len(a) > 1 else k.get("run")  # train_one_epoch(model, task, loader, opt, run, plan)
+        captured.setdefault("precision", run.precision)
+        captured.setdefault("channels_last", run.channels_last)
         return real_epoch(model, task, loader, *a, **k)
 
     stamps: list[tuple[float, int]] = []
@@ -359,7 +362,9 @@ def worker_cnnkit(case: Case, spec: dict) -> dict:
     flops = training_flops(model, shape, torch.device(device))
     data_ips = _data_rate(loader, spec["data_batches"])
     fresh = build_model(model.cnnkit_name, **dict(model.cnnkit_kwargs))
-    fresh, dev, iprec, cl = _place(fresh, captured["task"], device, "auto", "auto", (spec["infer_batch"], *shape), None)
+    request = ProbeRequest(resolve_device(device), "auto", "auto", "", (spec["infer_batch"], *shape), kind="infer")
+    fresh, placed = _place(fresh, captured["task"], request, None)
+    iprec, cl = placed.precision, placed.channels_last
     infer = _inference(fresh, shape, spec["infer_batch"], device, iprec.autocast, cl,
                        spec["latency_reps"], spec["batched_reps"])
     return {"train_ips": ips, "timed_steps": timed, "batch": cfg.batch_size, "peak_mib": peak,
@@ -480,8 +485,7 @@ def worker_plain(case: Case, spec: dict) -> dict:
     import torch
     from torch.utils.data import DataLoader
 
-    from cnnkit.tasks import get_task
-    from cnnkit.tasks.base import TaskData
+    from cnnkit.taskapi import TaskData, get_task
 
     device, steps, warmup = spec["device"], spec["steps"], spec["warmup"]
     if device == "cuda":

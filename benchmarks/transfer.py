@@ -34,17 +34,15 @@ METRIC = {"classify": "val_top1", "detect": "val_AP50", "segment": "val_mIoU"}
 
 def run(args, weights: str | None, seed: int, tmp: str) -> tuple[float, float]:
     if args.task == "classify":
-        cfg = TrainConfig(task="classify", model=args.model, data="fashion-mnist", train_subset=args.subset,
-                          epochs=args.epochs, batch_size=args.batch_size, img_size=args.img_size,
-                          optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=1,
-                          weights=weights, seed=seed, project=tmp, name=f"{weights or 'scratch'}-{seed}",
-                          progress=False, plots=False)
+        cfg = TrainConfig.for_task("classify", model=args.model, data="fashion-mnist", train_subset=args.subset,
+                                   epochs=args.epochs, batch_size=args.batch_size, img_size=args.img_size,
+                                   optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
+                                   warmup_epochs=1, weights=weights, seed=seed, project=tmp,
+                                   name=f"{weights or 'scratch'}-{seed}", progress=False, plots=False)
     else:  # the CLI's default recipe for the task, with only the initial weights changed
-        d = TASK_DEFAULTS[args.task]
-        cfg = TrainConfig(task=args.task, model=d["model"], model_kwargs=dict(d["model_kwargs"]),
-                          **{**d["config"], "epochs": args.epochs, "weights": weights, "seed": seed,
-                             "project": args.keep or tmp, "name": f"{weights or 'scratch'}-{seed}",
-                             "progress": False, "plots": bool(args.keep), "exist_ok": True})
+        cfg = TrainConfig.for_task(args.task, epochs=args.epochs, weights=weights, seed=seed,
+                                   project=args.keep or tmp, name=f"{weights or 'scratch'}-{seed}",
+                                   progress=False, plots=bool(args.keep), exist_ok=True)
     t = time.perf_counter()
     result = fit(cfg, log=lambda *_: None)
     return float(result.history[-1][METRIC[args.task]]), time.perf_counter() - t

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 from cnnkit.errors import CnnkitError, UsageError
+from cnnkit.taskapi import (COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, number,  # noqa: F401
+                            flag_name, task_class, task_names)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,34 +34,8 @@ def _fmt():
     return lambda prog: _HelpFormatter(prog, max_help_position=32)
 
 
-def _number(kind, low=None, high=None, *, low_open=False, high_open=False):
-    """An argparse type: an int / finite float within [low, high] (an open end excludes the bound);
-    a value outside becomes argparse's one-line usage error naming the flag."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
-        if value != value or value in (float("inf"), float("-inf")):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-        too_low = low is not None and (value <= low if low_open else value < low)
-        too_high = high is not None and (value >= high if high_open else value > high)
-        if too_low or too_high:
-            lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
-            hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
-            raise argparse.ArgumentTypeError(f"{text} is out of range: must be {' and '.join(x for x in (lo, hi) if x)}")
-        return value
-    parse.__name__ = kind.__name__
-    return parse
-
-
-POSITIVE_INT = _number(int, 1)
-COUNT = _number(int, 0)
-IMG_SIZE = _number(int, 1, 8192)
-POSITIVE = _number(float, 0, low_open=True)
-NON_NEGATIVE = _number(float, 0)
-FRACTION = _number(float, 0, 1, high_open=True)
-PROBABILITY = _number(float, 0, 1)
+_number = number  # argparse value types: cnnkit.taskapi (the tasks' options use them too)
+IMG_SIZE = number(int, 1, 8192)
 
 
 def parse_input_shape(text: str) -> tuple[int, int, int]:
@@ -76,13 +52,13 @@ def parse_input_shape(text: str) -> tuple[int, int, int]:
     return c, h, w
 
 
-def _model_kwargs(args) -> dict:
-    kw = {}
-    for key in ("width", "pool_size", "dropout", "backbone", "upsample", "output_stride", "aux_loss"):
-        v = getattr(args, key, None)
-        if v is not None:
-            kw[key] = v
-    return kw
+MODEL_FLAGS = ("width", "pool_size", "dropout", "backbone")  # model options every task's parser offers
+
+
+def _model_kwargs(args, task=None) -> dict:
+    """The model options given on the command line: the common ones and the task's own (`option(model=True)`)."""
+    keys = MODEL_FLAGS + (tuple(task_class(task).Options.model_names()) if task else ())
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
 def cmd_models(args) -> int:
@@ -106,9 +82,25 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _add_train_flags(p: argparse.ArgumentParser, defaults) -> None:
+def _add_train_flags(p: argparse.ArgumentParser, task: str) -> None:
+    """`cnnkit train TASK`'s flags: the engine's (model, data, schedule, run) and the task's own options."""
+    defaults = _task_defaults(task)
+    _add_model_data_flags(p, defaults)
+    _add_optim_flags(p, defaults)
+    _add_run_flags(p, defaults)
+    _add_task_flags(p, task, defaults)
+
+
+def _task_defaults(task: str):
+    from cnnkit.engine.config import TrainConfig
+
+    return TrainConfig.for_task(task)
+
+
+def _add_model_data_flags(p: argparse.ArgumentParser, defaults) -> None:
+    d = task_class(defaults.task).defaults
     p.add_argument("--model", default=None, help="registered model name, see `cnnkit models` "
-                   f"(default: {defaults.model}, width 0.5)")
+                   f"(default: {defaults.model}" + (", width 0.5)" if d.get("model_kwargs", {}).get("width") == 0.5 else ")"))
     p.add_argument("--data", default=defaults.data, help="built-in name, image folder, or data YAML")
     p.add_argument("--epochs", type=POSITIVE_INT, default=defaults.epochs, help="passes over the training data")
     p.add_argument("--time", type=POSITIVE, default=None, metavar="MINUTES",
@@ -122,22 +114,6 @@ def _add_train_flags(p: argparse.ArgumentParser, defaults) -> None:
     p.add_argument("--pool-size", type=POSITIVE_INT, default=None, help="adaptive pool size before the classifier (default: the model's own; 1 for the classify default)")
     p.add_argument("--dropout", type=PROBABILITY, default=None, help="classifier dropout (default: the model's own; 0.2 for the classify default)")
     p.add_argument("--backbone", default=None, help="yolo / unet: the registry backbone under the head (default: the model's own)")
-    if defaults.task == "segment":
-        p.add_argument("--upsample", choices=("transposed", "nearest", "bilinear"), default=None,
-                       help="unet: how the decoder upsamples (default: the model's own)")
-        p.add_argument("--output-stride", type=int, choices=(1, 2, 4), default=None,
-                       help="unet: stride at which the decoder stops and the class scores are bilinearly "
-                       "upsampled to the image (1 = full-resolution decoder; default: the task's)")
-        p.add_argument("--aux-loss", action=argparse.BooleanOptionalAction, default=None,
-                       help="unet: an auxiliary classifier on the first decoder block, its cross-entropy added at "
-                       "weight 0.4 in training (PSPNet; default: the task's)")
-        p.add_argument("--dice-weight", type=NON_NEGATIVE, default=defaults.dice_weight,
-                       help="add this times the soft Dice loss (V-Net) to the cross-entropy (0 = cross-entropy only)")
-        p.add_argument("--copy-paste", type=PROBABILITY, default=defaults.copy_paste,
-                       help="chance per training image that the labelled pixels (not background 0, not 255) of "
-                       "another image of its batch, mirrored, are pasted over it (Ghiasi et al. 2021; 0 = off)")
-        p.add_argument("--class-weights", default=defaults.class_weights, help="cross-entropy class weights: "
-                       "empty (none), median-frequency, or one number per class, comma-separated")
     p.add_argument("--weights", default=None, help=f"(default: {defaults.weights or 'none'} with the default model, "
                    "else none) initial weights: none, imagenet (offline where available, see "
                    "`cnnkit weights list`), a torchvision weight name such as VGG16_Weights.IMAGENET1K_V1, or a "
@@ -153,6 +129,9 @@ def _add_train_flags(p: argparse.ArgumentParser, defaults) -> None:
                    "whole run (ImageNet's low-level features; no backward through the high-resolution layers, so "
                    "faster); 0 = train every layer")
     p.add_argument("--backbone-lr-scale", type=NON_NEGATIVE, default=defaults.backbone_lr_scale, help="backbone learning rate = lr x this")
+
+
+def _add_optim_flags(p: argparse.ArgumentParser, defaults) -> None:
     p.add_argument("--optimizer", choices=("sgd", "adamw"), default=defaults.optimizer, help="optimizer")
     p.add_argument("--lr", type=POSITIVE, default=defaults.lr, help="peak learning rate (after warm-up)")
     p.add_argument("--momentum", type=FRACTION, default=defaults.momentum, help="SGD momentum (AdamW beta1)")
@@ -161,7 +140,6 @@ def _add_train_flags(p: argparse.ArgumentParser, defaults) -> None:
     p.add_argument("--warmup-epochs", type=NON_NEGATIVE, default=defaults.warmup_epochs, help="linear warm-up length")
     p.add_argument("--steps", type=POSITIVE_INT, nargs="*", default=[], help="epochs at which --schedule step multiplies the lr by gamma (default: about 55%% and 80%% of --epochs)")
     p.add_argument("--gamma", type=POSITIVE, default=defaults.gamma, help="step schedule factor")
-    p.add_argument("--label-smoothing", type=FRACTION, default=defaults.label_smoothing, help="cross-entropy label smoothing")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=defaults.ema,
                    help="evaluate and save an exponential moving average of the weights")
     p.add_argument("--ema-decay", type=FRACTION, default=defaults.ema_decay, help="EMA decay per step")
@@ -170,19 +148,18 @@ def _add_train_flags(p: argparse.ArgumentParser, defaults) -> None:
                    "weight, optimizer or EMA update; the lr schedule moves on) and count it in metrics.csv "
                    "(skipped_steps), instead of stopping the run")
     p.add_argument("--no-augment", action="store_true", help="train without data augmentation")
+
+
+def _add_run_flags(p: argparse.ArgumentParser, defaults) -> None:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=defaults.precision, help="auto: measured on this CPU, model and batch (bf16 when it is at least 1.1x faster than fp32); on CUDA bf16 (fp16 where bf16 is missing)")
     p.add_argument("--channels-last", choices=("auto", "on", "off"), default=defaults.channels_last, help="memory format (auto: measured on this CPU, model and batch, on when at least 1.05x faster; always on with CUDA)")
     p.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--workers", type=_number(int, -1), default=defaults.workers, help="DataLoader workers (-1 = automatic)")
+    p.add_argument("--workers", type=number(int, -1), default=defaults.workers, help="DataLoader workers (-1 = automatic)")
     p.add_argument("--seed", type=int, default=defaults.seed, help="random seed")
     p.add_argument("--project", default=defaults.project, help="folder that holds the runs")
     p.add_argument("--name", default=defaults.name, help="run name: runs/<task>/<name> (numbered when it exists)")
     p.add_argument("--exist-ok", action="store_true", help="reuse runs/<task>/<name> instead of numbering a new one")
     p.add_argument("--resume", default=None, metavar="LAST_PT", help="continue the run of this last.pt exactly where it stopped")
-    p.add_argument("--on-bad-label", choices=("error", "skip"), default=defaults.on_bad_label,
-                   help="detection: what a malformed label line or box does (skip: the box is left out and counted)")
-    p.add_argument("--on-bad-image", choices=("error", "skip"), default=defaults.on_bad_image, help="what a corrupt image does")
-    p.add_argument("--train-subset", type=COUNT, default=0, help="train on a stratified subset of this many images (0 = all)")
     p.add_argument("--max-steps", type=COUNT, default=0, help="stop after this many optimizer steps (0 = no limit)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch only)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training model (inductor): "
@@ -192,39 +169,60 @@ def _add_train_flags(p: argparse.ArgumentParser, defaults) -> None:
                    "global batch (nn.SyncBatchNorm; torch supports it on CUDA only)")
 
 
-# Per task: the default model and the training settings that differ from TrainConfig's.
-from cnnkit.tasks.defaults import TASK_DEFAULTS  # noqa: E402  (re-exported: cli.TASK_DEFAULTS)
+def _add_task_flags(p: argparse.ArgumentParser, task: str, defaults) -> None:
+    """The task's own options (`Task.Options`), each with its flag, type and help; defaults are the task's."""
+    for f in task_class(task).Options.flags():
+        m = f.metadata
+        default = None if m.get("model") else getattr(defaults.options, f.name)
+        kwargs: dict = {"default": default, "help": m.get("help", "")}
+        if m.get("type") is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs.update({k: m[k] for k in ("type", "choices", "metavar") if m.get(k) is not None})
+        p.add_argument(flag_name(f), dest=f.name, **kwargs)
+
+
+def task_flags(task: str) -> list[str]:
+    """The flags of a task's own options."""
+    return [flag_name(f) for f in task_class(task).Options.flags()]
+
+
+# Per task: the default model and the training settings that differ from TrainConfig's (`Task.defaults`).
+def __getattr__(name: str):
+    if name == "TASK_DEFAULTS":  # read from the registry when asked for
+        return {t: task_class(t).defaults for t in task_names()}
+    raise AttributeError(name)
+
+
+ENGINE_SETTINGS = ("data", "batch_size", "img_size", "optimizer", "lr", "momentum", "weight_decay", "schedule",
+                   "warmup_epochs", "gamma", "ema", "ema_decay", "clip_grad", "skip_nonfinite", "precision",
+                   "channels_last", "device", "workers", "seed", "project", "name", "exist_ok", "input_norm",
+                   "max_steps", "download", "freeze_backbone", "unfreeze_at", "freeze_early", "compile",
+                   "backbone_lr_scale", "sync_bn")
 
 
 def config_from_args(task: str, args):
-    from cnnkit.engine.config import TrainConfig
+    """The TrainConfig of `cnnkit train TASK ...`, built as `TrainConfig.for_task` builds it; a model of
+    another task is refused here, before any data is read."""
+    from cnnkit.engine.config import TrainConfig, check_model_for_task
 
-    d = TASK_DEFAULTS[task]
+    d = task_class(task).defaults
     explicit_model = args.model is not None
     model = args.model or d["model"]
-    kwargs = dict(d["model_kwargs"]) if not explicit_model else {}
-    kwargs.update(_model_kwargs(args))
+    check_model_for_task(task, model)
+    kwargs = dict(d.get("model_kwargs", {})) if not explicit_model else {}
+    kwargs.update(_model_kwargs(args, task))
     weights = args.weights if args.weights is not None else (None if explicit_model else d["config"].get("weights"))
     if weights is not None and weights.lower() == "none":
         weights = None
     # --time alone: as many epochs as the budget allows (epochs 0); with --epochs, whichever ends first
     epochs = 0 if args.time and not getattr(args, "epochs_given", True) else args.epochs
-    cfg = TrainConfig(task=task, model=model, model_kwargs=kwargs, data=args.data, epochs=epochs, time=args.time or 0.0,
-                      batch_size=args.batch_size, img_size=args.img_size, optimizer=args.optimizer, lr=args.lr,
-                      momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
-                      warmup_epochs=args.warmup_epochs, steps=list(args.steps), gamma=args.gamma,
-                      label_smoothing=args.label_smoothing, ema=args.ema, ema_decay=args.ema_decay, clip_grad=args.clip_grad,
-                      skip_nonfinite=args.skip_nonfinite,
-                      augment=not args.no_augment, precision=args.precision, channels_last=args.channels_last,
-                      device=args.device, workers=args.workers, seed=args.seed, project=args.project,
-                      name=args.name, exist_ok=args.exist_ok, on_bad_image=args.on_bad_image,
-                      on_bad_label=args.on_bad_label, class_weights=getattr(args, "class_weights", "") or "", dice_weight=getattr(args, "dice_weight", 0.0),
-                      copy_paste=getattr(args, "copy_paste", 0.0), input_norm=args.input_norm,
-                      max_steps=args.max_steps, train_subset=args.train_subset, weights=weights, download=args.download,
-                      freeze_backbone=args.freeze_backbone, unfreeze_at=args.unfreeze_at, freeze_early=args.freeze_early, compile=args.compile,
-                      backbone_lr_scale=args.backbone_lr_scale, progress=not args.no_progress and sys.stderr.isatty(),
-                      sync_bn=args.sync_bn)
-    return cfg, explicit_model
+    changes = {k: getattr(args, k) for k in ENGINE_SETTINGS}
+    changes.update(model=model, model_kwargs=kwargs, epochs=epochs, time=args.time or 0.0, steps=list(args.steps),
+                   augment=not args.no_augment, weights=weights,
+                   progress=not args.no_progress and sys.stderr.isatty())
+    options = {n: getattr(args, n) for n in task_class(task).Options.setting_names()}
+    return TrainConfig.for_task(task, **changes, **options), explicit_model
 
 
 def cmd_train(args) -> int:
@@ -249,7 +247,7 @@ def cmd_val(args) -> int:
     from cnnkit.engine.inference import validate
 
     out = Path(args.out) if args.out else Path(args.weights).resolve().parent.parent / "val"
-    save = tuple(k for k, on in (("json", args.save_json), ("masks", args.save_masks)) if on)
+    save = tuple(k for k in _save_kinds() if getattr(args, f"save_{k}", False))
     m = validate(args.weights, data=args.data, batch_size=args.batch_size, device=args.device,
                  precision=args.precision, channels_last=args.channels_last, workers=args.workers, out_dir=out,
                  save=save)
@@ -272,6 +270,7 @@ def _print_metrics(m: dict) -> None:
 
 def cmd_predict(args) -> int:
     from cnnkit.engine.inference import load_pretrained, load_trained
+    from cnnkit.engine.predictor import predict_files
 
     if args.model:
         t = load_pretrained(args.model, args.weights, download=args.download, device=args.device,
@@ -280,10 +279,16 @@ def cmd_predict(args) -> int:
         t = load_trained(args.weights, device=args.device, precision=args.precision,
                          channels_last=args.channels_last, batch_size=args.batch_size, log=print)
     out = Path(args.out) if args.out else Path("runs") / t.task.name / "predict"
-    if args.data is not None and t.task.name != "detect":
-        raise UsageError(f"--data applies to detect checkpoints only, not {t.task.name}", fix="drop --data")
-    extra = {"conf_threshold": args.conf_threshold, "data": args.data} if t.task.name == "detect" else {}
-    rows = t.task.predict_paths(t, args.sources, out_dir=out, top_k=args.top_k, batch_size=args.batch_size, **extra)
+    given = {}
+    for flag, owners in _predict_flags().items():
+        value = getattr(args, _dest(flag))
+        if value is None:
+            continue
+        if t.task.name not in owners:
+            raise UsageError(f"{flag} applies to {'/'.join(owners)} checkpoints only, not {t.task.name}",
+                             fix=f"drop {flag}")
+        given[_dest(flag)] = value
+    rows = predict_files(t, args.sources, out_dir=out, batch_size=args.batch_size, options=given)
     for r in rows[: args.show]:
         print(r["summary"])
     if len(rows) > args.show:
@@ -292,12 +297,37 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def _predict_flags() -> dict[str, list[str]]:
+    """Every task's `cnnkit predict` flags: {flag: the tasks that take it}."""
+    owners: dict[str, list[str]] = {}
+    for name in task_names():
+        for flag in task_class(name).predict_flags:
+            owners.setdefault(flag, []).append(name)
+    return owners
+
+
+def _save_kinds() -> dict[str, str]:
+    """Every task's `cnnkit val --save-KIND`: {KIND: help}."""
+    kinds: dict[str, str] = {}
+    for name in task_names():
+        for kind, what in task_class(name).saves.items():
+            kinds.setdefault(kind, f"{name}: write OUT/{what}")
+    return kinds
+
+
 def cmd_export(args) -> int:
     from cnnkit.engine.export import export
 
-    r = export(args.weights, format=args.format, out=args.out, img_size=args.img_size, opset=args.opset,
-               batch_size=args.batch_size, with_nms=args.with_nms, conf_threshold=args.conf_threshold,
-               iou_threshold=args.iou_threshold, max_det=args.max_det, check=args.check)
+    from cnnkit.engine.export import ExportSettings
+
+    r = export(args.weights, ExportSettings(format=args.format, out=args.out, img_size=args.img_size, opset=args.opset,
+                                            batch_size=args.batch_size, with_nms=args.with_nms,
+                                            conf_threshold=args.conf_threshold, iou_threshold=args.iou_threshold,
+                                            max_det=args.max_det, check=args.check))
     for label, diff in r.checks:
         print(f"checked against PyTorch: {label}: max abs difference {diff:.2e}")
     print(f"{r.metadata['task']} model exported to {r.path} ({r.format}; outputs: {'; '.join(r.metadata['outputs'])})")
@@ -335,7 +365,7 @@ def cmd_weights_list(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from cnnkit.report import default_report_path, write_report
+    from cnnkit.engine.report import default_report_path, write_report
 
     out = Path(args.out) if args.out else default_report_path(args.run_dirs)
     print(f"report written to {write_report(args.run_dirs, out, gallery=args.gallery, device=args.device)}")
@@ -355,24 +385,26 @@ def cmd_explain(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from cnnkit.demo import DEMO_TASKS, run_demo
+    from cnnkit.demo import demo_tasks, run_demo
     from cnnkit.engine.loop import TrainingInterrupted
 
     try:
-        return run_demo(quick=args.quick, tasks=DEMO_TASKS if args.task == "all" else (args.task,))
+        return run_demo(quick=args.quick, tasks=demo_tasks() if args.task == "all" else (args.task,))
     except TrainingInterrupted as exc:  # Ctrl-C / SIGTERM: the run's checkpoint is saved; no traceback
         print(f"cnnkit: demo {exc}", file=sys.stderr)
         return exc.exit_code
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cnnkit.engine.config import TrainConfig
-
-    defaults = TrainConfig()
     p = _Parser(prog="cnnkit", description="2D convolutional networks: operations, models, training, evaluation.",
                 formatter_class=_fmt())
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in (_add_models, _add_train, _add_val, _add_predict, _add_export, _add_data, _add_tools, _add_explain):
+        add(sub)
+    return p
 
+
+def _add_models(sub) -> None:
     s = sub.add_parser("models", help="list the registered models", formatter_class=_fmt())
     s.set_defaults(func=cmd_models)
 
@@ -386,13 +418,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "classifiers, 20 for YOLO, 21 for segmentation nets)")
     s.set_defaults(func=cmd_info)
 
+
+
+def _add_train(sub) -> None:
     s = sub.add_parser("train", help="train a model", formatter_class=_fmt())
     tsub = s.add_subparsers(dest="task", required=True, parser_class=_Parser)
-    for task, d in TASK_DEFAULTS.items():
+    for task in task_names():
         t = tsub.add_parser(task, help=f"train a {task} model", formatter_class=_fmt())
-        _add_train_flags(t, TrainConfig(task=task, model=d["model"], **d["config"]))
+        _add_train_flags(t, task)
         t.set_defaults(func=cmd_train)
 
+
+def _add_val(sub) -> None:
     s = sub.add_parser("val", help="evaluate a checkpoint", formatter_class=_fmt())
     s.add_argument("--weights", required=True, help="a best.pt / last.pt written by `cnnkit train`")
     s.add_argument("--data", default=None, help="data to evaluate on (default: the run's own validation split)")
@@ -404,15 +441,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory format (auto: measured on this CPU and model; on with CUDA)")
     s.add_argument("--workers", type=_number(int, -1), default=-1, help="DataLoader workers (-1 = automatic)")
     s.add_argument("--out", default=None, help="folder for the pictures and saved predictions (default: <run>/val)")
-    s.add_argument("--save-json", action="store_true", help="detect: write OUT/predictions.json, the detections "
-                   "val scores (confidence >= 0.001, at most 100 an image) in COCO results format, with the image "
-                   "and category ids of the data's COCO file (`cnnkit data convert DATA OUT --to coco` writes it; "
-                   "a COCO dataset's own ids), so other evaluators reproduce AP")
-    s.add_argument("--save-masks", action="store_true", help="segment: write OUT/masks/<image stem>.png, the "
-                   "predicted index mask of every validation image exactly as val scores it (img-size x img-size, "
-                   "pixel = class index; 8-bit, 16-bit over 255 classes)")
+    for kind, what in _save_kinds().items():
+        s.add_argument(f"--save-{kind}", action="store_true", help=what)
     s.set_defaults(func=cmd_val)
 
+
+
+def _add_predict(sub) -> None:
     s = sub.add_parser("predict", help="predict images or folders with a checkpoint", formatter_class=_fmt())
     s.add_argument("sources", nargs="+", metavar="IMAGES_OR_FOLDERS")
     s.add_argument("--weights", required=True, help="a best.pt / last.pt written by `cnnkit train`, or the .onnx "
@@ -420,12 +455,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "pretrained weights (imagenet, a torchvision weight name, or a file)")
     s.add_argument("--model", default=None, help="predict with this registry model and --weights instead of a checkpoint")
     s.add_argument("--download", action="store_true", help="allow downloading torchvision weights")
-    s.add_argument("--top-k", type=POSITIVE_INT, default=5, help="classify: classes listed per image")
-    s.add_argument("--conf-threshold", type=PROBABILITY, default=0.25, help="detect: lowest class-specific "
-                   "confidence kept (0.001 keeps what val scores, for mAP with other tools)")
-    s.add_argument("--data", default=None, help="detect: the dataset the images come from (as `train --data` takes "
-                   "it); predictions.json then holds its COCO image and category ids, each image found by path or "
-                   "file name (default: none; image_id = 1..N in file order, category_id the checkpoint's)")
+    for flag, owners in _predict_flags().items():  # each task's own: default None = the task's default
+        spec = dict(next(task_class(o).predict_flags[flag] for o in owners))
+        default = spec.pop("default", None)
+        spec["help"] = spec.get("help", "") + (f" (default: {default})" if default is not None else "")
+        s.add_argument(flag, default=None, **spec)
     s.add_argument("--batch-size", type=POSITIVE_INT, default=64, help="images per batch")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     s.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
@@ -436,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--show", type=COUNT, default=20, help="print this many results")
     s.set_defaults(func=cmd_predict)
 
+
+
+def _add_export(sub) -> None:
     s = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript, checked against PyTorch",
                        formatter_class=_fmt())
     s.add_argument("--weights", required=True, help="a best.pt / last.pt written by `cnnkit train`")
@@ -453,6 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the file on random and real images at two batch sizes and require PyTorch's outputs within 1e-4")
     s.set_defaults(func=cmd_export)
 
+
+
+def _add_data(sub) -> None:
     s = sub.add_parser("data", help="dataset tools: convert between formats, generate the scene data",
                        formatter_class=_fmt())
     dsub = s.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
@@ -466,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = dsub.add_parser("check", help="check a dataset before training: counts per split and class, every problem "
                         "grouped by kind (exit 0 clean, 1 only skippable problems, 2 fatal ones)", formatter_class=_fmt())
     d.add_argument("data", help="what `cnnkit train TASK --data` takes: a built-in name, folder or data YAML")
-    d.add_argument("--task", required=True, choices=("classify", "detect", "segment"), help="the task it is for")
+    d.add_argument("--task", required=True, choices=task_names(), help="the task it is for")
     d.add_argument("--fast", action="store_true", help="read labels and file headers only, decode no image")
     d.set_defaults(func=cmd_data_check)
     d = dsub.add_parser("scenes", help="generate detection/segmentation scenes: Fashion-MNIST items on real "
@@ -477,6 +517,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--img-size", type=_number(int, 28, 8192), default=160, help="scene height = width")
     d.add_argument("--seed", type=int, default=0, help="same seed, same files")
     d.set_defaults(func=cmd_data_scenes)
+
+
+
+def _add_tools(sub) -> None:
+    from cnnkit.demo import demo_tasks
 
     s = sub.add_parser("weights", help="pretrained weights: what is available offline and what needs a download",
                        formatter_class=_fmt())
@@ -494,10 +539,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("demo", help="train, evaluate and draw each task on the embedded data", formatter_class=_fmt())
-    s.add_argument("--task", choices=("all", "classify", "detect", "segment"), default="all", help="which demo runs")
+    s.add_argument("--task", choices=("all", *demo_tasks()), default="all", help="which demo runs")
     s.add_argument("--quick", action="store_true", help="a smoke run (one epoch; two steps for detect/segment)")
     s.set_defaults(func=cmd_demo)
 
+
+
+def _add_explain(sub) -> None:
     from cnnkit.explain import DEFAULT_OUT, TOPICS, topic_defaults
 
     s = sub.add_parser("explain", help="the chapter's figures, computed with cnnkit.ops: text here and a PNG",
@@ -525,13 +573,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=DEFAULT_OUT, help="folder for the PNG")
     s.add_argument("--seed", type=int, default=0, help="seed of the random integer inputs")
     s.set_defaults(func=cmd_explain)
-    return p
+
+
+def _refuse_extra(args, extra: list[str]) -> None:
+    """Arguments no parser took: another task's option gets a line naming both tasks' options."""
+    task = getattr(args, "task", None) if args.command == "train" else None
+    for arg in extra:
+        flag = arg.split("=", 1)[0]
+        owners = [t for t in task_names() if t != task and flag in task_flags(t)] if task else []
+        if owners:
+            own = ", ".join(task_flags(task)) or "none"
+            raise UsageError(f"{flag} is an option of the {' and '.join(owners)} task, not of {task}",
+                             fix=f"drop it; the {task} task's own options: {own}")
+    raise UsageError(f"cnnkit: unrecognized arguments: {' '.join(extra)}", fix="see `cnnkit --help`")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        args = build_parser().parse_args(argv)
+        args, extra = build_parser().parse_known_args(argv)
+        if extra:
+            _refuse_extra(args, extra)
         args.epochs_given = "--epochs" in argv or any(a.startswith("--epochs=") for a in argv)
         return int(args.func(args) or 0)
     except CnnkitError as exc:

@@ -1,4 +1,4 @@
-"""`cnnkit data check DATA --task {classify,detect,segment}`: check a dataset before training.
+"""`cnnkit data check DATA --task TASK`: check a dataset before training.
 
     report = check_dataset("coco8/data.yaml", "detect")       # every form the task's loader accepts
     print(report.format())                                     # images per split, classes, instances,
@@ -28,7 +28,6 @@ from typing import Sequence
 
 from cnnkit.errors import CnnkitError, UsageError
 
-TASKS = ("classify", "detect", "segment")
 SHOWN = 3  # files named per kind of problem
 
 
@@ -68,6 +67,8 @@ class CheckReport:
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     decoded: bool = True
+    columns: tuple[str, str] = ("", "")  # the split table's extra columns: (images with labels, instances)
+    unit: str = "images"  # what an instance of a class is
 
     @property
     def fatal(self) -> bool:
@@ -90,7 +91,7 @@ class CheckReport:
         self.add(kind, detail, exc.path, exc.line, fatal=True)
 
     def format(self, first: int = SHOWN) -> str:
-        what = {"detect": ("labelled", "boxes"), "classify": ("", ""), "segment": ("", "")}[self.task]
+        what = self.columns
         lines = [f"data check ({self.task}): {self.source or self.spec}"
                  + ("" if self.decoded else " [headers and labels only: --fast]")]
         if self.splits:
@@ -103,7 +104,7 @@ class CheckReport:
             shown = ", ".join(self.names[:20]) + (", ..." if len(self.names) > 20 else "")
             lines.append(f"classes: {len(self.names)} ({shown})")
         if self.instances:
-            unit = {"detect": "boxes", "classify": "images", "segment": "images showing it"}[self.task]
+            unit = self.unit
             lines.append(f"instances per class ({unit}, all splits):")
             width = max(len(n) for n in self.names) if self.names else 8
             for k, name in enumerate(self.names):
@@ -133,16 +134,34 @@ class CheckReport:
 
 
 def check_dataset(spec: str | os.PathLike, task: str, *, decode: bool = True) -> CheckReport:
-    """Check a dataset for `task` ("classify", "detect" or "segment"); see the module docstring."""
-    if task not in TASKS:
-        raise UsageError(f"unknown task {task!r}", fix=f"choose one of {', '.join(TASKS)}")
-    report = CheckReport(task=task, spec=os.fspath(spec), decoded=decode)
-    checker = {"classify": _check_classify, "detect": _check_detect, "segment": _check_segment}[task]
+    """Check a dataset for the registered task `task` (`Task.check_data`); see the module docstring."""
+    from cnnkit.taskapi import get_task
+
+    return get_task(task).check_data(spec, decode=decode)
+
+
+def _run(checker, task: str, spec, decode: bool, **shape) -> CheckReport:
+    report = CheckReport(task=task, spec=os.fspath(spec), decoded=decode, **shape)
     try:
         checker(report, os.fspath(spec), decode)
     except CnnkitError as exc:
         report.add_error(exc)
     return report
+
+
+def check_detection(spec, task: str, *, decode: bool = True) -> CheckReport:
+    """Boxes data as the detection readers read it (YOLO txt, COCO JSON, VOC XML, the built-in scenes)."""
+    return _run(_check_detect, task, spec, decode, columns=("labelled", "boxes"), unit="boxes")
+
+
+def check_classification(spec, task: str, *, decode: bool = True) -> CheckReport:
+    """Class-per-image data as the classification readers read it (folders, IDX, built-in)."""
+    return _run(_check_classify, task, spec, decode, unit="images")
+
+
+def check_segmentation(spec, task: str, *, decode: bool = True) -> CheckReport:
+    """Image + index-mask pairs as the segmentation reader reads them."""
+    return _run(_check_segment, task, spec, decode, unit="images showing it")
 
 
 # ---------------------------------------------------------------- decoding many files

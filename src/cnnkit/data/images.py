@@ -235,3 +235,22 @@ def decode_many(paths: Sequence[str], *, cache_bytes: int = DEFAULT_CACHE_BYTES,
     result.ok = [i not in bad for i in range(n)]
     result.bad = [(paths[i], bad[i]) for i in sorted(bad)]
     return result
+
+
+def to_channels(img: torch.Tensor, channels: int) -> torch.Tensor:
+    """Decoded RGB uint8 [3,H,W] -> `channels` channels (ITU-R 601 luma for grey)."""
+    if channels == 3 or img.shape[0] == channels:
+        return img
+    if channels == 1:
+        w = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+        return (img.float() * w).sum(0, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+    raise ValueError(f"cannot convert {img.shape[0]} channels to {channels}")
+
+
+def square_batch(paths, size: int, channels: int = 3) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Decode image files -> (the decoded uint8 originals, a uint8 batch [N,C,size,size] of them resized)."""
+    from torchvision.transforms import v2
+
+    originals = [to_channels(decode_image(p), channels) for p in paths]
+    batch = torch.stack([v2.functional.resize(im, [size, size], antialias=True) for im in originals])
+    return originals, batch

@@ -57,6 +57,25 @@ class Precision:
         return torch.autocast(self.device_type, dtype=self.dtype)
 
 
+@dataclass(frozen=True)
+class RunSettings:
+    """Where and how a model runs: device, precision and memory layout, chosen once and passed as one."""
+
+    device: torch.device
+    precision: Precision
+    channels_last: bool = False
+
+    def inputs(self, images: torch.Tensor, task) -> torch.Tensor:
+        """A uint8 batch -> on the device, prepared by the task (normalised), in the run's layout."""
+        x = task.prepare(images.to(self.device, non_blocking=True))
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def autocast(self):
+        return self.precision.autocast()
+
+
 def resolve_precision(name: str, device: torch.device) -> Precision:
     name = (name or "auto").lower()
     if name not in PRECISIONS:

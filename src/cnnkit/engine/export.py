@@ -6,12 +6,9 @@ its raw output: classification logits [N, classes], YOLO predictions [N, S, S, 5
 logits [N, classes, H, W]. The batch dimension of an ONNX file is dynamic; H and W are fixed at
 `img_size`.
 
-Detection with `with_nms=True` puts YOLO's post-processing inside the graph (`YoloWithNMS`): decode,
-class-specific confidence, threshold, per-class NMS, best `max_det`. Its outputs are
-
-    detections [N, max_det, 6] float32: x1, y1, x2, y2 (pixels of the img_size x img_size input),
-               score, class index; sorted by score, rows after `count` are zeros
-    count      [N] int64: how many rows of each image are detections
+The task makes the module that is exported (`Task.export_module`): with `with_nms=True` a task that
+offers it puts its post-processing inside the graph (the detector's: YOLO with NMS, `tasks/yolo_export.py`), whose
+outputs are `detections [N, max_det, 6]` and `count [N]`.
 
 ONNX metadata (`metadata_props`, JSON values) holds what `cnnkit predict` needs to use the file with no
 other flag: task, names, preprocess, model (name and kwargs), geometry (YOLO's S, B, C, img_size),
@@ -24,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import json
 import os
@@ -38,116 +36,12 @@ import torch
 import torch.nn as nn
 
 import cnnkit
-from cnnkit.errors import CnnkitError, UsageError
+from cnnkit.engine.onnx_backend import ExportError, load_session, require_onnx  # noqa: F401  (re-exported)
+from cnnkit.errors import UsageError
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".ts"}
 DEFAULT_OPSET = 17
 TOLERANCE = 1e-4  # absolute and relative, fp32
-INSTALL_FIX = "pip install 'cnnkit[export]'"
-
-
-class ExportError(CnnkitError):
-    """An export that cannot be done or whose file does not reproduce PyTorch's outputs."""
-
-
-def require_onnx(what: str = "ONNX export"):
-    """(onnx, onnxruntime), or an error saying how to install them."""
-    try:
-        import onnx
-        import onnxruntime
-    except ImportError as exc:
-        raise ExportError(f"{what} needs the onnx and onnxruntime packages ({exc.name} is missing)",
-                          fix=INSTALL_FIX) from None
-    return onnx, onnxruntime
-
-
-# --- detection with NMS inside the graph ----------------------------------------------------------
-
-class _OnnxNMS(torch.autograd.Function):
-    """ONNX NonMaxSuppression, which is per image and per class by itself: boxes [N, M, 4], scores
-    [N, C, M] -> selected [K, 3] = (image, class, box). Only used while exporting to ONNX; its forward
-    (what the tracer runs to get shapes) is the eager selection."""
-
-    @staticmethod
-    def forward(ctx, boxes, scores, iou_threshold: float, conf_threshold: float, max_per_class: int):
-        return select_nms(boxes, scores, iou_threshold, conf_threshold)
-
-    @staticmethod
-    def symbolic(g, boxes, scores, iou_threshold: float, conf_threshold: float, max_per_class: int):
-        # Corners in either order are fine: IoU does not change when x and y swap roles.
-        return g.op("NonMaxSuppression", boxes, scores,
-                    g.op("Constant", value_t=torch.tensor([max_per_class], dtype=torch.long)),
-                    g.op("Constant", value_t=torch.tensor([iou_threshold], dtype=torch.float)),
-                    g.op("Constant", value_t=torch.tensor([conf_threshold], dtype=torch.float)))
-
-
-def select_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, conf_threshold: float) -> torch.Tensor:
-    """Per image and class: pairs scoring above `conf_threshold`, greedy NMS at `iou_threshold`
-    (torchvision `batched_nms`, one group per image and class). boxes [N, M, 4], scores [N, C, M] ->
-    [K, 3] (image, class, box), sorted by score. No Python loop over images: a traced graph keeps a
-    dynamic batch."""
-    from torchvision.ops import batched_nms
-
-    idx = torch.nonzero(scores > conf_threshold)
-    img, cls, box = idx[:, 0], idx[:, 1], idx[:, 2]
-    keep = batched_nms(boxes[img, box], scores[img, cls, box], img * scores.shape[1] + cls, iou_threshold)
-    return idx[keep]
-
-
-class YoloWithNMS(nn.Module):
-    """A YOLO model followed by `cnnkit.tasks.yolo.postprocess` as one graph with fixed-size outputs:
-    images [N, 3, H, W] -> (detections [N, max_det, 6], count [N]); see the module doc."""
-
-    def __init__(self, model: nn.Module, *, img_size: int, conf_threshold: float = 0.25,
-                 iou_threshold: float = 0.5, max_det: int = 100):
-        super().__init__()
-        if not 0.0 <= conf_threshold < 1.0:
-            raise UsageError(f"--conf-threshold must be in [0, 1), got {conf_threshold}")
-        if not 0.0 < iou_threshold <= 1.0:
-            raise UsageError(f"--iou-threshold must be in (0, 1], got {iou_threshold}")
-        if max_det < 1:
-            raise UsageError(f"--max-det must be at least 1, got {max_det}")
-        self.model = model
-        self.S, self.B, self.C = int(model.S), int(model.B), int(model.num_classes)
-        self.img_size = int(img_size)
-        self.conf_threshold, self.iou_threshold, self.max_det = float(conf_threshold), float(iou_threshold), int(max_det)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from torchvision.ops import clip_boxes_to_image
-
-        from cnnkit.tasks.yolo import decode_boxes
-
-        boxes, conf, probs = decode_boxes(self.model(x).float(), self.S, self.B, self.img_size, C=self.C)
-        boxes = clip_boxes_to_image(boxes, (self.img_size, self.img_size))
-        scores = (probs * conf.unsqueeze(-1)).transpose(1, 2).contiguous()  # [N, C, M]
-        n, c, m = scores.shape
-        if torch.onnx.is_in_onnx_export():
-            sel = _OnnxNMS.apply(boxes, scores, self.iou_threshold, self.conf_threshold, self.max_det)
-        else:
-            sel = select_nms(boxes, scores, self.iou_threshold, self.conf_threshold)
-        flat = scores.reshape(n, c * m)
-        picked = torch.zeros_like(flat).reshape(-1).scatter(
-            0, (sel[:, 0] * c + sel[:, 1]) * m + sel[:, 2], torch.ones_like(sel[:, 0], dtype=flat.dtype)).reshape(n, c * m)
-        k = min(self.max_det, c * m)
-        # Scores are >= 0, so every kept pair ranks before every other (-1).
-        top, index = torch.where(picked > 0, flat, torch.full_like(flat, -1.0)).topk(k, dim=1)
-        valid = top >= 0
-        cls, box = index // m, index % m
-        chosen = torch.gather(boxes, 1, box.unsqueeze(-1).expand(n, k, 4))
-        det = torch.cat([chosen, top.unsqueeze(-1), cls.unsqueeze(-1).to(chosen.dtype)], dim=-1)
-        det = det * valid.unsqueeze(-1).to(det.dtype)
-        if k < self.max_det:
-            det = nn.functional.pad(det, (0, 0, 0, self.max_det - k))
-        return det, valid.sum(1)
-
-
-def unpad_detections(det: torch.Tensor, count: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-    """`YoloWithNMS` outputs -> one dict per image as `postprocess` returns them."""
-    out = []
-    for d, n in zip(det, count.tolist()):
-        d = d[: int(n)]
-        out.append({"boxes": d[:, :4], "scores": d[:, 4], "labels": d[:, 5].round().long()})
-    return out
 
 
 # --- export -------------------------------------------------------------------------------------
@@ -168,14 +62,37 @@ def default_out(weights: str | Path, fmt: str) -> Path:
     return Path(weights).with_suffix(FORMATS[fmt])
 
 
+@dataclass
+class ExportSettings:
+    """What `cnnkit export` is asked for: format, file, input size, opset, example batch, post-processing
+    in the graph (`with_nms` and its thresholds, for the tasks that offer it), and the check."""
+
+    format: str = "onnx"
+    out: str | Path | None = None
+    img_size: int | None = None
+    opset: int = DEFAULT_OPSET
+    batch_size: int = 1
+    with_nms: bool = False
+    conf_threshold: float = 0.25
+    iou_threshold: float = 0.5
+    max_det: int = 100
+    check: bool = True
+
+    def nms(self) -> dict[str, Any] | None:
+        if not self.with_nms:
+            return None
+        return {"conf_threshold": self.conf_threshold, "iou_threshold": self.iou_threshold, "max_det": self.max_det}
+
+
 def build_export_module(weights: str | Path, *, img_size: int | None = None, with_nms: bool = False,
                         conf_threshold: float = 0.25, iou_threshold: float = 0.5, max_det: int = 100):
-    """(module in eval mode on the CPU in fp32, task, metadata dict) for a cnnkit checkpoint."""
+    """(module in eval mode on the CPU in fp32, task, metadata dict) for a cnnkit checkpoint; the task
+    makes the module (`Task.export_module`: e.g. a detector with its NMS in the graph)."""
     from cnnkit.engine.inference import load_trained
 
     if Path(weights).suffix.lower() == ".onnx":
         raise UsageError(f"{weights} is already an ONNX file", fix="export the .pt checkpoint it came from")
-    t = load_trained(weights, device="cpu", precision="fp32")
+    t = load_trained(weights, device="cpu", precision="fp32", channels_last="off")
     model = t.model.float().to(memory_format=torch.contiguous_format).eval()
     pre = dict(t.ckpt.get("preprocess", {}))
     size = int(img_size or t.img_size)
@@ -185,28 +102,11 @@ def build_export_module(weights: str | Path, *, img_size: int | None = None, wit
     pre.setdefault("channels", int(getattr(model, "in_channels", 3)))
     meta: dict[str, Any] = {"cnnkit_version": cnnkit.__version__, "task": t.task.name, "names": list(t.names),
                             "preprocess": pre, "model": dict(t.ckpt["model"]), "with_nms": bool(with_nms)}
-    if with_nms and t.task.name != "detect":
-        raise UsageError(f"--with-nms is for detection checkpoints; {weights} holds a {t.task.name} model",
-                         fix="leave --with-nms out")
-    if t.task.name == "detect":
-        meta["geometry"] = {"S": int(model.S), "B": int(model.B), "C": int(model.num_classes), "img_size": size}
-        if with_nms:
-            model = YoloWithNMS(model, img_size=size, conf_threshold=conf_threshold, iou_threshold=iou_threshold,
-                                max_det=max_det).eval()
-            meta["nms"] = {"conf_threshold": model.conf_threshold, "iou_threshold": model.iou_threshold,
-                           "max_det": model.max_det}
-    meta["outputs"] = _describe_outputs(t.task.name, with_nms)
-    return model, t.task, meta
-
-
-def _describe_outputs(task: str, with_nms: bool) -> list[str]:
-    if task == "classify":
-        return ["logits [N, classes]"]
-    if task == "segment":
-        return ["logits [N, classes, H, W]"]
-    if with_nms:
-        return ["detections [N, max_det, 6]: x1, y1, x2, y2, score, class", "count [N]"]
-    return ["predictions [N, S, S, 5B + C] (decode with cnnkit.tasks.yolo.postprocess)"]
+    nms = ExportSettings(with_nms=with_nms, conf_threshold=conf_threshold, iou_threshold=iou_threshold,
+                         max_det=max_det).nms()
+    module = t.task.export_module(model, meta, nms).eval()
+    meta["outputs"] = t.task.export_outputs(with_nms)
+    return module, t.task, meta
 
 
 def example_inputs(task, meta: dict[str, Any], batch_size: int) -> list[tuple[str, torch.Tensor]]:
@@ -214,8 +114,7 @@ def example_inputs(task, meta: dict[str, Any], batch_size: int) -> list[tuple[st
     dynamic batch) and the package's real photos, resized and prepared as predict prepares them."""
     from torchvision.transforms import v2
 
-    from cnnkit.data.images import decode_image
-    from cnnkit.tasks.classify import _to_channels
+    from cnnkit.data.images import decode_image, to_channels
 
     pre = meta["preprocess"]
     c, size = int(pre["channels"]), int(pre["img_size"])
@@ -226,17 +125,17 @@ def example_inputs(task, meta: dict[str, Any], batch_size: int) -> list[tuple[st
            for n in (batch_size, batch_size + 2)]
     photos = sorted((Path(cnnkit.__file__).parent / "assets" / "photos").glob("*.jpg"))
     if photos:
-        imgs = [v2.functional.resize(_to_channels(decode_image(p), c), [size, size], antialias=True) for p in photos]
+        imgs = [v2.functional.resize(to_channels(decode_image(p), c), [size, size], antialias=True) for p in photos]
         out.append((f"{len(photos)} photos from cnnkit/assets/photos", task.prepare(torch.stack(imgs)).float()))
     return out
 
 
-def export(weights: str | Path, *, format: str = "onnx", out: str | Path | None = None, img_size: int | None = None,
-           opset: int = DEFAULT_OPSET, batch_size: int = 1, with_nms: bool = False, conf_threshold: float = 0.25,
-           iou_threshold: float = 0.5, max_det: int = 100, check: bool = True) -> ExportResult:
-    """Export the checkpoint `weights` (see the module doc); with `check`, run the file on random and
-    real inputs at two batch sizes and raise ExportError unless it matches PyTorch within 1e-4
-    (`check_export`)."""
+def export(weights: str | Path, settings: ExportSettings | None = None, **changes) -> ExportResult:
+    """Export the checkpoint `weights` (see the module doc) as `settings` (or `ExportSettings(**changes)`)
+    say; with `check`, run the file on random and real inputs at two batch sizes and raise ExportError
+    unless it matches PyTorch within 1e-4 (`check_export`)."""
+    s = dataclasses.replace(settings or ExportSettings(), **changes)
+    format, with_nms, batch_size, opset = s.format, s.with_nms, s.batch_size, s.opset
     from cnnkit.engine.checkpoint import atomic_path, atomic_write_bytes
 
     if format not in FORMATS:
@@ -245,10 +144,10 @@ def export(weights: str | Path, *, format: str = "onnx", out: str | Path | None 
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     if format == "onnx":
         onnx, _ = require_onnx()
-    out = Path(out) if out else default_out(weights, format)
-    module, task, meta = build_export_module(weights, img_size=img_size, with_nms=with_nms,
-                                             conf_threshold=conf_threshold, iou_threshold=iou_threshold,
-                                             max_det=max_det)
+    out = Path(s.out) if s.out else default_out(weights, format)
+    module, task, meta = build_export_module(weights, img_size=s.img_size, with_nms=with_nms,
+                                             conf_threshold=s.conf_threshold, iou_threshold=s.iou_threshold,
+                                             max_det=s.max_det)
     inputs = example_inputs(task, meta, batch_size)
     example = inputs[0][1]
     if format == "onnx":
@@ -269,7 +168,7 @@ def export(weights: str | Path, *, format: str = "onnx", out: str | Path | None 
             with atomic_path(out) as tmp:
                 torch.jit.save(traced, tmp, _extra_files={"cnnkit.json": json.dumps(meta)})
     result = ExportResult(out, format, meta)
-    if check:
+    if s.check:
         result.checks = check_export(out, module, inputs, format=format, with_nms=with_nms)
     return result
 
@@ -368,25 +267,6 @@ def _quiet_stdout():
     finally:
         os.dup2(saved, 1)
         os.close(saved)
-
-
-def load_session(path: str | Path, device: str = "cpu"):
-    """An onnxruntime InferenceSession on the CPU, or CUDA when asked for (and auto, when available)."""
-    _, ort = require_onnx("running an .onnx model")
-    available = ort.get_available_providers()
-    dev = (device or "auto").lower()
-    if dev.startswith("cuda") and "CUDAExecutionProvider" not in available:
-        raise UsageError(f"--device {device}: this onnxruntime has no CUDA provider ({', '.join(available)})",
-                         fix="pip install onnxruntime-gpu, or use --device cpu")
-    want = ["CUDAExecutionProvider"] if dev.startswith("cuda") or (dev == "auto" and "CUDAExecutionProvider" in available) else []
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()  # as many threads as torch is allowed
-    try:
-        return ort.InferenceSession(str(path), options, providers=want + ["CPUExecutionProvider"])
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ExportError(f"onnxruntime cannot load this file ({first[:200]})", path=str(path),
-                          fix="export it again with `cnnkit export --weights best.pt`") from None
 
 
 def check_export(path: Path, module: nn.Module, inputs: list[tuple[str, torch.Tensor]], *, format: str = "onnx",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -10,23 +10,11 @@ import torch
 
 from cnnkit.engine import checkpoint as ck
 from cnnkit.engine.config import TrainConfig
-from cnnkit.engine.device import Precision, fp32_depthwise, resolve_device
+from cnnkit.engine.trained import Trained  # noqa: F401  (re-exported: cnnkit.engine.inference.Trained)
+from cnnkit.engine.device import RunSettings, fp32_depthwise, resolve_device
+from cnnkit.engine.probe import ProbeRequest
 from cnnkit.errors import DataError, UsageError, WeightsError
-
-
-@dataclass
-class Trained:
-    task: Any
-    model: torch.nn.Module
-    ckpt: dict[str, Any]
-    names: list[str]
-    device: torch.device
-    precision: Precision
-    channels_last: bool
-
-    @property
-    def img_size(self) -> int:
-        return int(self.ckpt.get("preprocess", {}).get("img_size", 224))
+from cnnkit.taskapi import get_task
 
 
 def load_trained(weights: str | Path, *, device: str = "auto", precision: str = "auto",
@@ -36,7 +24,6 @@ def load_trained(weights: str | Path, *, device: str = "auto", precision: str = 
     `precision` / `channels_last` "auto" are measured on this CPU for batches of `batch_size`
     (`cnnkit.engine.probe`); `log` gets one line saying what was chosen."""
     from cnnkit.models import build_model
-    from cnnkit.tasks import get_task
 
     if Path(weights).suffix.lower() == ".onnx":
         from cnnkit.engine.onnx_backend import load_onnx
@@ -58,33 +45,34 @@ def load_trained(weights: str | Path, *, device: str = "auto", precision: str = 
     pre = ckpt.get("preprocess", {})
     size = int(pre.get("img_size", 224))
     shape = (min(batch_size, 32), int(pre.get("channels", 3)), size, size)  # batch 32 at most: a short probe
-    model, dev, prec, cl = _place(model, task, device, precision, channels_last, shape, log)
-    return Trained(task, model, ckpt, list(ckpt["names"]), dev, prec, cl)
+    model, run = _place(model, task, ProbeRequest(resolve_device(device), precision, channels_last,
+                                                  "", shape, kind="infer"), log)
+    return Trained(task, model, ckpt, list(ckpt["names"]), run.device, run.precision, run.channels_last)
 
 
-def _place(model: torch.nn.Module, task, device: str, precision: str, channels_last: str, shape: tuple, log):
+def _place(model: torch.nn.Module, task, request: ProbeRequest, log) -> tuple[torch.nn.Module, RunSettings]:
     """Move a model for inference: device, then precision and memory format forced or measured on
-    forward passes of `shape` (batch, channels, height, width) as `cnnkit.engine.probe` does."""
-    from cnnkit.engine.loop import to_device
+    forward passes of `request.shape` (batch, channels, height, width) as `cnnkit.engine.probe` does."""
     from cnnkit.engine.probe import choose, model_id
 
-    dev = resolve_device(device)
+    dev = request.device
     model = model.to(dev).eval()
     generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
+    images = torch.randint(0, 256, request.shape, dtype=torch.uint8, generator=generator)
 
     def step(m, prec, cl):
-        with torch.inference_mode(), prec.autocast():
-            m(to_device(images, task, dev, cl))
+        run = RunSettings(dev, prec, cl)
+        with torch.inference_mode(), run.autocast():
+            m(run.inputs(images, task))
 
-    choice = choose(model, device=dev, precision=precision, channels_last=channels_last,
-                    model_id=model_id(model, "inference"), shape=shape, step=step, kind="infer", log=log or _quiet)
+    request = dataclasses.replace(request, model_id=model_id(model, "inference"))
+    choice = choose(model, request, step=step, log=log or _quiet)
     if log is not None:
         log(f"inference on {dev}: {choice.describe()}")
     if choice.channels_last:
         model = model.to(memory_format=torch.channels_last)
     fp32_depthwise(model, dev, choice.precision)
-    return model, dev, choice.precision, choice.channels_last
+    return model, RunSettings(dev, choice.precision, choice.channels_last)
 
 
 def _quiet(*args, **kwargs) -> None:
@@ -93,43 +81,49 @@ def _quiet(*args, **kwargs) -> None:
 
 def load_pretrained(model: str, weights: str, *, download: bool = False, device: str = "auto",
                     precision: str = "auto", log=print) -> Trained:
-    """A registry model with pretrained weights (e.g. efficientnet_lite0 + "imagenet"), ready to predict:
-    class names from the weights' metadata, preprocessing from the weights."""
-    from cnnkit.models import build_model
-    from cnnkit.tasks import get_task
+    """A registry model with pretrained weights (e.g. efficientnet_lite0 + "imagenet"), ready to predict,
+    by the task its registry entry names: class names and preprocessing from the weights
+    (`Task.from_pretrained`)."""
+    from cnnkit.models import build_model, get_entry
 
     net = build_model(model, weights=weights, download=download)
-    pre = dict(getattr(net, "cnnkit_preprocess", None) or {})
-    names = list(getattr(net, "cnnkit_categories", None) or [])
-    n_out = getattr(net, "num_classes", None) or len(names)
-    if not names:
-        names = [f"class_{i}" for i in range(n_out)]
-    pre.setdefault("img_size", 224)
-    pre.setdefault("mean", [0.485, 0.456, 0.406])
-    pre.setdefault("std", [0.229, 0.224, 0.225])
-    pre.setdefault("crop_pct", 0.875)
-    pre.setdefault("channels", getattr(net, "in_channels", 3))
-    task = get_task("classify")
+    task = get_task(get_entry(model).task)
+    pre, names = task.from_pretrained(net)
     task.configure(pre)
     shape = (32, int(pre["channels"]), int(pre["img_size"]), int(pre["img_size"]))
-    net, dev, prec, cl = _place(net, task, device, precision, "auto", shape, log)
-    ckpt = {"task": "classify", "model": {"name": net.cnnkit_name, "kwargs": dict(net.cnnkit_kwargs)},
+    net, run = _place(net, task, ProbeRequest(resolve_device(device), precision, "auto", "", shape, kind="infer"), log)
+    ckpt = {"task": task.name, "model": {"name": net.cnnkit_name, "kwargs": dict(net.cnnkit_kwargs)},
             "names": names, "preprocess": pre}
-    return Trained(task, net, ckpt, names, dev, prec, cl)
+    return Trained(task, net, ckpt, names, run.device, run.precision, run.channels_last)
 
 
-def validate(weights: str | Path, *, data: str | None = None, batch_size: int = 128, device: str = "auto",
-             precision: str = "auto", channels_last: str = "auto", workers: int = -1,
-             out_dir: str | Path | None = None, save: tuple[str, ...] = (), log=print) -> dict[str, Any]:
+def validate(weights: str | Path, *, data: str | None = None, out_dir: str | Path | None = None,
+             save: tuple[str, ...] = (), log=print, **load) -> dict[str, Any]:
     """Evaluate a checkpoint on its own validation split or on `data`; draws into out_dir.
 
-    `save`: the predictions the evaluation scored, as files into out_dir (default: <run>/val), one
-    kind per entry of the task's `saves` (detect: "json", segment: "masks"); `log` gets a line for each."""
+    `load`: batch_size (128), device, precision, channels_last ("auto" each) and workers (-1) as
+    `load_trained` and the loader take them. `save`: the predictions the evaluation scored, as files into
+    out_dir (default: <run>/val), one kind per entry of the task's `saves`; `log` gets a line for each."""
     from cnnkit.engine.loop import evaluate
-    from cnnkit.engine.trainer import make_loader
 
-    t = load_trained(weights, device=device, precision=precision, channels_last=channels_last,
-                     batch_size=batch_size, log=log)
+    batch_size, workers = int(load.pop("batch_size", 128)), int(load.pop("workers", -1))
+    t = load_trained(weights, batch_size=batch_size, log=log, **load)
+    loader, td = validation_loader(t, data, batch_size, workers)
+    writer = _result_writer(t, td, save, out_dir, weights)
+    metrics = evaluate(t.model, t.task, loader, t.run, names=t.names,
+                       on_prediction=writer.add if writer is not None else None)
+    if writer is not None:
+        for line in writer.close():
+            log(line)
+    if out_dir is not None:
+        t.task.draw(metrics, Path(out_dir), names=t.names)
+    return metrics
+
+
+def validation_loader(t: Trained, data: str | None, batch_size: int, workers: int = -1):
+    """(loader, TaskData) of the checkpoint's validation split, or of `data` (same classes required)."""
+    from cnnkit.engine.runs import make_loader
+
     saved = dict(t.ckpt.get("config", {}))
     cfg = TrainConfig.from_dict({**saved, "data": data or saved.get("data"), "augment": False,
                                  "batch_size": batch_size, "workers": workers})
@@ -141,25 +135,17 @@ def validate(weights: str | Path, *, data: str | None = None, batch_size: int = 
                         path=str(data), fix="validate on data with the same class list")
     loader = make_loader(td.val, cfg, shuffle=False, collate_fn=td.collate_fn, in_memory=td.in_memory,
                          device=t.device)
-    writer = None
-    if save:
-        kinds = tuple(dict.fromkeys(save))
-        unknown = [k for k in kinds if k not in t.task.saves]
-        if unknown:
-            offered = ", ".join(f"--save-{k}" for k in t.task.saves) or "none"
-            raise UsageError(f"--save-{unknown[0]} does not apply to a {t.task.name} checkpoint",
-                             fix=f"{t.task.name} offers: {offered}")
-        target = Path(out_dir) if out_dir is not None else Path(weights).resolve().parent.parent / "val"
-        writer = t.task.result_writer(kinds, td, target)
-        t.task.on_prediction = writer.add
-    try:
-        metrics = evaluate(t.model, t.task, loader, t.precision, device=t.device, channels_last=t.channels_last,
-                           names=t.names)
-    finally:
-        t.task.on_prediction = None
-    if writer is not None:
-        for line in writer.close():
-            log(line)
-    if out_dir is not None:
-        t.task.draw(metrics, Path(out_dir), names=t.names)
-    return metrics
+    return loader, td
+
+
+def _result_writer(t: Trained, td, save, out_dir, weights):
+    if not save:
+        return None
+    kinds = tuple(dict.fromkeys(save))
+    unknown = [k for k in kinds if k not in t.task.saves]
+    if unknown:
+        offered = ", ".join(f"--save-{k}" for k in t.task.saves) or "none"
+        raise UsageError(f"--save-{unknown[0]} does not apply to a {t.task.name} checkpoint",
+                         fix=f"{t.task.name} offers: {offered}")
+    target = Path(out_dir) if out_dir is not None else Path(weights).resolve().parent.parent / "val"
+    return t.task.result_writer(kinds, td, target)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
@@ -57,18 +58,28 @@ def build_optimizer(groups: list[dict], name: str, lr: float, momentum: float) -
     raise AssertionError("unreachable")
 
 
+@dataclass
+class ScheduleShape:
+    """The shape of the learning-rate schedule around its length: warm-up start, cosine floor, step decays."""
+
+    warmup_factor: float = 0.1
+    min_lr_ratio: float = 0.01
+    steps: Sequence[int] = ()
+    gamma: float = 0.1
+
+
 def lr_factor(it: int, *, total_iters: int, warmup_iters: int, schedule: str, iters_per_epoch: int,
-              warmup_factor: float = 0.1, min_lr_ratio: float = 0.01, steps: Sequence[int] = (),
-              gamma: float = 0.1) -> float:
-    """Multiplier of the base learning rate at iteration `it` (0-based)."""
+              **shape) -> float:
+    """Multiplier of the base learning rate at iteration `it` (0-based); `shape`: the fields of `ScheduleShape`."""
+    sh = ScheduleShape(**shape)
     if it < warmup_iters:
-        return warmup_factor + (1.0 - warmup_factor) * it / max(1, warmup_iters)
+        return sh.warmup_factor + (1.0 - sh.warmup_factor) * it / max(1, warmup_iters)
     if schedule == "cosine":
         t = (it - warmup_iters) / max(1, total_iters - warmup_iters)
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+        return sh.min_lr_ratio + (1 - sh.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
     if schedule == "step":
         epoch = it // max(1, iters_per_epoch)
-        return gamma ** sum(epoch >= s for s in steps)
+        return sh.gamma ** sum(epoch >= s for s in sh.steps)
     if schedule == "constant":
         return 1.0
     raise UsageError(f"unknown schedule {schedule!r}", fix=f"choose one of {', '.join(SCHEDULES)}")

@@ -138,16 +138,31 @@ def _chosen(label: str, device: torch.device, times: dict, how: str, failed=()) 
     return Choice(resolve_precision(p, device), c == "cl", dict(times), how, tuple(failed))
 
 
-def choose(model: nn.Module, *, device: torch.device, precision: str, channels_last: str | bool,
-           model_id: str, shape: tuple, step: Callable[[nn.Module, Precision, bool], None] | None,
-           kind: str = "train", log=print) -> Choice:
-    """Decide precision and layout for `model` (not modified) on `device`.
+@dataclass(frozen=True)
+class ProbeRequest:
+    """What a probe decides for: the device, the run's --precision / --channels-last settings ("auto" leaves
+    each open), the model's identity and the input shape (batch, C, H, W) that key the cache, and
+    whether it times training steps ("train") or forward passes ("infer")."""
+
+    device: torch.device
+    precision: str
+    channels_last: str | bool
+    model_id: str
+    shape: tuple
+    kind: str = "train"
+
+
+def choose(model: nn.Module, request: ProbeRequest, *, step: Callable[[nn.Module, Precision, bool], None] | None,
+           log=print) -> Choice:
+    """Decide precision and layout for `model` (not modified) on `request.device`.
 
     `step(model_copy, precision, channels_last)` runs one step (a training forward + backward, or an
     inference forward) on a copy of the model already placed in that layout and precision; it is
     called once to warm up and `TIMED_STEPS` times per candidate. `model_id` and `shape` (batch and
     input size) key the cache; `kind` is "train" or "infer". Forced settings are not timed. Random
     number state is restored afterwards, so a run trains the same whether or not it measured."""
+    device, precision, channels_last = request.device, request.precision, request.channels_last
+    model_id, shape, kind = request.model_id, request.shape, request.kind
     if device.type != "cpu":
         prec = resolve_precision(precision, device)
         cl = True if channels_last == "auto" else _forced_layout(channels_last)

@@ -6,30 +6,31 @@ weights/best.pt (best validation fitness), plus what the task draws after the fi
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from torch.utils.data import DataLoader
 
 import cnnkit
 from cnnkit.engine import checkpoint as ck
 from cnnkit.engine import distributed as dist
-from cnnkit.engine.config import TrainConfig
+from cnnkit.engine.config import TrainConfig, check_model_for_task
+from cnnkit.engine.runs import (make_loader, new_run_dir, plot_curves, read_metrics_csv,  # noqa: F401  (re-exported)
+                                write_metrics_csv)
 from cnnkit.engine.finetune import backbone_parameters, freeze_early, is_frozen_at, set_backbone_frozen, train_mode
 from cnnkit.engine.budget import PLAN_AFTER_STEPS, Budget, BudgetPlan, check_minutes
-from cnnkit.engine.device import auto_workers, fp32_depthwise, resolve_device
-from cnnkit.engine.probe import Choice, choose, model_id
-from cnnkit.engine.loop import DivergedError, StopRequest, TrainingInterrupted, evaluate, to_device, train_one_epoch
+from cnnkit.engine.device import RunSettings, fp32_depthwise, resolve_device, resolve_precision
+from cnnkit.engine.probe import Choice, ProbeRequest, choose, model_id
+from cnnkit.engine.loop import (DivergedError, EpochPlan, Optimisation, StopRequest, TrainingInterrupted, evaluate,
+                               train_one_epoch)
 from cnnkit.engine.optim import ModelEMA, build_optimizer, build_scheduler, default_steps, parameter_groups
 from cnnkit.errors import UsageError, WeightsError
+from cnnkit.taskapi import get_task
 
 
 @dataclass
@@ -40,55 +41,29 @@ class RunResult:
     history: list[dict[str, Any]]
 
 
-def get_task(name: str):
-    from cnnkit.tasks import get_task as _get
-    return _get(name)
-
-
-def new_run_dir(project: str | Path, task: str, name: str, exist_ok: bool) -> Path:
-    """runs/<task>/<name>, or <name>2, <name>3 ... when it exists (nothing of an earlier run is overwritten)."""
-    base = Path(project) / task
-    path = base / name
-    if exist_ok:
-        return path
-    i = 2
-    while path.exists():
-        path = base / f"{name}{i}"
-        i += 1
-    return path
-
-
-def make_loader(dataset, cfg: TrainConfig, *, shuffle: bool, collate_fn, in_memory: bool,
-                device: torch.device, batch_size: int | None = None, sampler=None) -> DataLoader:
-    """A training loader (shuffle=True) drops its last partial batch when the data holds more than one
-    global batch; `sampler` (its order, this process's shard) replaces the loader's own shuffling."""
-    workers = auto_workers(in_memory, device) if cfg.workers < 0 else cfg.workers
-    return DataLoader(dataset, batch_size=batch_size or cfg.batch_size, shuffle=shuffle and sampler is None,
-                      sampler=sampler, num_workers=workers, collate_fn=collate_fn,
-                      drop_last=shuffle and len(dataset) > cfg.batch_size, pin_memory=device.type == "cuda")
-
-
-def checkpoint_dict(cfg: TrainConfig, task, model, data, *, optimizer, scheduler, ema, epoch: int,
-                    best_fitness: float, metrics: dict[str, Any], scaler=None) -> dict[str, Any]:
+def checkpoint_dict(s: "_Session", *, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
+    """What last.pt / best.pt hold after `epoch` (0-based) of the session `s`."""
+    cfg, model, ema, opt = s.cfg, s.model, s.opt.ema, s.opt
     ema_model = ema.module if ema is not None else model
     return {
         "version": cnnkit.__version__,
-        "task": task.name,
+        "task": s.task.name,
         "model": {"name": model.cnnkit_name, "kwargs": dict(model.cnnkit_kwargs)},
-        "names": list(data.names),
-        "preprocess": dict(data.meta),
+        "names": list(s.data.names),
+        "preprocess": dict(s.data.meta),
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in ema_model.state_dict().items()},
         "train_state_dict": ({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
                              if ema is not None else None),
         "ema": ema.state_dict() if ema is not None else None,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
+        "optimizer": opt.optimizer.state_dict(),
+        "scheduler": opt.scheduler.state_dict(),
+        "scaler": opt.scaler.state_dict() if opt.scaler is not None else None,
         "epoch": epoch,
-        "best_fitness": best_fitness,
+        "best_fitness": s.best,
         "config": cfg.to_dict(),
         "rng": ck.rng_state(),
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
+        **(s.plan.state() if s.plan else {}),
     }
 
 
@@ -111,59 +86,6 @@ def _remove_stale_temp_files(run_dir: Path) -> None:
     for folder in (run_dir, run_dir / "weights"):
         for tmp in folder.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
-
-
-def write_metrics_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys)
-    w.writeheader()
-    w.writerows(rows)
-    ck.atomic_write_text(path, buf.getvalue())
-
-
-def read_metrics_csv(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return [{k: _num(v) for k, v in r.items()} for r in csv.DictReader(f)]
-
-
-def _num(v: str):
-    try:
-        return int(v)
-    except (TypeError, ValueError):
-        try:
-            return float(v)
-        except (TypeError, ValueError):
-            return v
-
-
-def plot_curves(rows: list[dict[str, Any]], path: Path, fitness: str, metric_names=()) -> None:
-    """Loss curves and the task's validation-metric curves, one PNG (atomic)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [r["epoch"] for r in rows]
-    loss_keys = [k for k in rows[-1] if k.startswith("train_") or k == "val_loss"]
-    metric_keys = [f"val_{m}" for m in metric_names if m != "loss" and f"val_{m}" in rows[-1]]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for k in loss_keys:
-        axes[0].plot(epochs, [r.get(k) for r in rows], marker=".", label=k)
-    axes[0].set(title="loss", xlabel="epoch")
-    for k in metric_keys:
-        axes[1].plot(epochs, [r.get(k) for r in rows], marker=".", label=k, lw=2.5 if k == f"val_{fitness}" else 1.2)
-    axes[1].set(title="validation", xlabel="epoch")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    with ck.atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
 
 
 def _load_resume(path: str, cfg: TrainConfig, explicit_model: bool) -> dict[str, Any]:
@@ -207,17 +129,18 @@ def choose_training_settings(cfg: TrainConfig, task, model, data, device: torch.
             probe_batch.extend(collate([data.train[i] for i in range(min(batch, len(data.train)))]))
         images, targets = probe_batch
         train_mode(m)
-        with precision.autocast():
-            loss, _ = task.loss(m, to_device(images, task, device, channels_last), task.move_targets(targets, device))
+        run = RunSettings(device, precision, channels_last)
+        with run.autocast():
+            loss, _ = task.loss(m, run.inputs(images, task), task.move_targets(targets, device))
         loss.backward()
         for p in m.parameters():
             p.grad = None
 
     choice = None
     if dist.is_main():
-        choice = choose(model, device=device, precision=cfg.precision, channels_last=cfg.channels_last,
-                        model_id=model_id(model, cfg.task), shape=(batch, *_sample_shape(data.train[0])),
-                        step=step, kind="train", log=log)
+        choice = choose(model, ProbeRequest(device=device, precision=cfg.precision, channels_last=cfg.channels_last,
+                                            model_id=model_id(model, cfg.task), shape=(batch, *_sample_shape(data.train[0])),
+                                            kind="train"), step=step, log=log)
     return dist.broadcast_object(choice)
 
 
@@ -247,11 +170,63 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, explicit_model: bool = F
     became non-finite are never saved, so last.pt keeps the last good epoch."""
     stop = StopRequest()
     with stop.installed():
-        return _fit(cfg, resume=resume, explicit_model=explicit_model, extend_epochs=extend_epochs, log=log,
-                    on_step=on_step, stop=stop)
+        s = _prepare(cfg, resume=resume, explicit_model=explicit_model, extend_epochs=extend_epochs, log=log)
+        s.stop, s.on_step = stop, on_step
+        _build_training(s)
+        if s.ckpt is not None:
+            _restore(s)
+        elif dist.is_main():
+            s.run_dir.mkdir(parents=True, exist_ok=s.cfg.exist_ok)
+            ck.atomic_write_text(s.run_dir / "config.yaml", yaml.safe_dump(s.cfg.to_dict(), sort_keys=False))
+        _start(s)
+        interrupted = _train_epochs(s)
+        return _finish(s, interrupted)
 
 
-def _fit(cfg: TrainConfig, *, resume, explicit_model, extend_epochs, log, on_step, stop: StopRequest) -> RunResult:
+@dataclass
+class _Session:
+    """Everything one training run holds while it trains (built by `_prepare` and `_build_training`)."""
+
+    cfg: TrainConfig
+    task: Any
+    run_dir: Path
+    log: Any
+    ckpt: dict[str, Any] | None
+    resume: str | None
+    extend_epochs: int | None
+    started_group: bool = False
+    budget: Budget | None = None
+    batch: int = 0
+    data: Any = None
+    model: Any = None
+    run: RunSettings | None = None
+    choice: Choice | None = None
+    opt: Optimisation | None = None
+    train_loader: Any = None
+    val_loader: Any = None
+    train_model: Any = None
+    iters: int = 0
+    epochs: int = 0
+    planned: int = 0
+    plan: BudgetPlan | None = None
+    stop: StopRequest | None = None
+    on_step: Any = None
+    start_epoch: int = 0
+    start_step: int = 0
+    best: float = float("-inf")
+    history: list = field(default_factory=list)
+    partial: dict | None = None
+    resume_rng: dict | None = None
+    metrics: dict = field(default_factory=dict)  # of this process's last evaluation (the task draws from it)
+    saved_metrics: dict = field(default_factory=dict)
+
+    @property
+    def last_pt(self) -> Path:
+        return self.run_dir / "weights" / "last.pt"
+
+
+def _prepare(cfg: TrainConfig, *, resume, explicit_model, extend_epochs, log) -> _Session:
+    """The run's folder, task, device, budget and data and model (before any training state)."""
     ckpt = None
     if resume:
         ckpt = _load_resume(resume, cfg, explicit_model)
@@ -260,198 +235,209 @@ def _fit(cfg: TrainConfig, *, resume, explicit_model, extend_epochs, log, on_ste
             cfg.epochs = extend_epochs
         run_dir = Path(resume).resolve().parent.parent
     else:
+        check_model_for_task(cfg.task, cfg.model)  # another task's model: one line, before any data is read
         run_dir = new_run_dir(cfg.project, cfg.task, cfg.name, cfg.exist_ok)
     task = get_task(cfg.task)
     device, started_group = dist.setup(resolve_device(cfg.device))
     if device.type == "cuda":  # fixed input sizes: let cuDNN time its algorithms once and keep the fastest
         torch.backends.cudnn.benchmark = True
     run_dir = dist.broadcast_object(run_dir)  # rank 0 chose the (numbered) folder
-    if not dist.is_main():
-        log = _silent
+    s = _Session(cfg, task, run_dir, log if dist.is_main() else _silent, ckpt, resume, extend_epochs, started_group)
     if cfg.time:
         check_minutes(cfg.time)
     if (cfg.epochs < 1 and not cfg.time) or cfg.epochs < 0 or cfg.batch_size < 1:
         raise UsageError("--epochs and --batch-size must be at least 1 (--epochs 0 only with --time)")
-    budget = Budget(cfg.time * 60, used_before=float((ckpt or {}).get("time_used_s") or 0.0),
-                    max_epochs=cfg.epochs) if cfg.time else None
-    batch = dist.per_process_batch(cfg.batch_size)
+    s.budget = Budget(cfg.time * 60, used_before=float((ckpt or {}).get("time_used_s") or 0.0),
+                      max_epochs=cfg.epochs) if cfg.time else None
+    s.batch = dist.per_process_batch(cfg.batch_size)
     ck.seed_everything(cfg.seed)  # the same initial weights in every process (DDP broadcasts rank 0's anyway)
-
     with dist.main_first():  # a built-in data set is generated once, by rank 0
-        data = task.build_data(cfg)
+        s.data = task.build_data(cfg)
     # a resumed run rebuilds the architecture only: its own checkpoint holds the weights
-    model = task.build_model(dataclasses.replace(cfg, weights=None) if ckpt is not None else cfg, data).to(device)
+    s.model = task.build_model(dataclasses.replace(cfg, weights=None) if ckpt is not None else cfg, s.data).to(device)
     saved_pre = (ckpt or {}).get("preprocess") or {}
     if "mean" in saved_pre and "std" in saved_pre:  # the input normalisation the run started with
-        data.meta.update(mean=list(saved_pre["mean"]), std=list(saved_pre["std"]))
-        task.configure(data.meta)
+        s.data.meta.update(mean=list(saved_pre["mean"]), std=list(saved_pre["std"]))
+        task.configure(s.data.meta)
+    s.run = RunSettings(device, resolve_precision("fp32", device))
+    return s
+
+
+def _build_training(s: _Session) -> None:
+    """Layout and precision, loaders, optimizer, schedule, scaler and EMA."""
+    cfg, model, data, device = s.cfg, s.model, s.data, s.run.device
     if cfg.sync_bn:
-        model = dist.convert_sync_batchnorm(model, device)
+        model = s.model = dist.convert_sync_batchnorm(model, device)
     if cfg.freeze_early:
         n_early = freeze_early(model, cfg.freeze_early)
-        log(f"backbone layers at stride <= {cfg.freeze_early} kept frozen ({n_early} tensors)")
-    choice = choose_training_settings(cfg, task, model, data, device, batch, log)
-    precision, channels_last = choice.precision, choice.channels_last
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    fp32_depthwise(model, device, precision)
+        s.log(f"backbone layers at stride <= {cfg.freeze_early} kept frozen ({n_early} tensors)")
+    s.choice = choose_training_settings(cfg, s.task, model, data, device, s.batch, s.log)
+    s.run = RunSettings(device, s.choice.precision, s.choice.channels_last)
+    if s.run.channels_last:
+        model = s.model = model.to(memory_format=torch.channels_last)
+    fp32_depthwise(model, device, s.run.precision)
     ck.seed_everything(cfg.seed + dist.rank())  # augmentation: a stream of its own in each process
-    train_loader = make_loader(data.train, cfg, shuffle=True, collate_fn=data.collate_fn, in_memory=data.in_memory,
-                               device=device, batch_size=batch, sampler=dist.train_sampler(data.train, cfg.seed))
-    val_loader = make_loader(data.val, cfg, shuffle=False, collate_fn=data.collate_fn, in_memory=data.in_memory,
-                             device=device, batch_size=batch * 2, sampler=dist.val_sampler(data.val))
+    s.train_loader = make_loader(data.train, cfg, shuffle=True, collate_fn=data.collate_fn, in_memory=data.in_memory,
+                                 device=device, batch_size=s.batch, sampler=dist.train_sampler(data.train, cfg.seed))
+    s.val_loader = make_loader(data.val, cfg, shuffle=False, collate_fn=data.collate_fn, in_memory=data.in_memory,
+                               device=device, batch_size=s.batch * 2, sampler=dist.val_sampler(data.val))
     backbone = backbone_parameters(model) if (cfg.freeze_backbone or cfg.backbone_lr_scale != 1.0) else []
     groups = parameter_groups(model, cfg.weight_decay, cfg.lr, backbone=backbone,
                               backbone_lr_scale=cfg.backbone_lr_scale)
     optimizer = build_optimizer(groups, cfg.optimizer, cfg.lr, cfg.momentum)
-    iters = len(train_loader)
+    s.iters = iters = len(s.train_loader)
     # the epochs of this run: --epochs, or what a resumed --time run planned (a fresh one plans after its first steps)
-    planned = 0 if extend_epochs else int((ckpt or {}).get("planned_epochs") or 0)
-    epochs = planned or cfg.epochs or (1000 if budget else 1)  # a budget's provisional: a flat lr until it plans
-    total = epochs * iters  # --max-steps stops early without changing the schedule
-    steps = list(cfg.steps) or default_steps(epochs)
-    scheduler = build_scheduler(optimizer, total_iters=total, warmup_iters=int(cfg.warmup_epochs * iters),
+    s.planned = 0 if s.extend_epochs else int((s.ckpt or {}).get("planned_epochs") or 0)
+    s.epochs = s.planned or cfg.epochs or (1000 if s.budget else 1)  # a budget's provisional: a flat lr until it plans
+    steps = list(cfg.steps) or default_steps(s.epochs)
+    scheduler = build_scheduler(optimizer, total_iters=s.epochs * iters, warmup_iters=int(cfg.warmup_epochs * iters),
                                 schedule=cfg.schedule, iters_per_epoch=iters, steps=steps, gamma=cfg.gamma)
-    scaler = torch.amp.GradScaler(device.type) if precision.needs_scaler else None
+    scaler = torch.amp.GradScaler(device.type) if s.run.precision.needs_scaler else None
     ema = ModelEMA(model, cfg.ema_decay) if cfg.ema else None
+    s.opt = Optimisation(optimizer, scheduler, scaler, ema, cfg.clip_grad, cfg.skip_nonfinite)
 
-    start_epoch, start_step, best, history = 0, 0, float("-inf"), []
-    partial, resume_rng = None, None
-    if ckpt is not None:
-        try:
-            model.load_state_dict(ckpt["train_state_dict"] or ckpt["state_dict"])
-        except RuntimeError as exc:
-            raise WeightsError(f"checkpoint does not fit the model: {str(exc).splitlines()[0]}", path=resume) from None
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if ema is not None and ckpt.get("ema"):
-            ema.load_state_dict(ckpt["ema"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, best = int(ckpt["epoch"]) + 1, float(ckpt["best_fitness"])
-        start_step = int(ckpt.get("step") or 0)  # a checkpoint written on a signal, mid-epoch
-        history = [r for r in read_metrics_csv(run_dir / "metrics.csv") if r.get("epoch", 0) <= start_epoch]
-        if start_step:  # the epoch's start state (its loader draws its seed from it), then the step's
-            ck.set_rng_state(ckpt["epoch_rng"])
-            resume_rng, partial = ckpt["rng"], ckpt.get("partial")
-        else:
-            ck.set_rng_state(ckpt["rng"])  # rank 0's; the other processes draw from streams of their own
-        if dist.rank() > 0:
-            ck.seed_everything(dist.seed_for_process(cfg.seed, start_epoch))
-            resume_rng = None
-        if dist.is_main():
-            _remove_stale_temp_files(run_dir)
-        log(f"resuming {run_dir} at epoch {start_epoch + 1}/{epochs}"
-            + (f", step {start_step + 1}/{iters}" if start_step else ""))
-    elif dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=cfg.exist_ok)
-        ck.atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+def _restore(s: _Session) -> None:
+    """A resumed run: weights, optimizer, schedule, EMA, scaler, random state and history from last.pt."""
+    ckpt, opt = s.ckpt, s.opt
+    try:
+        s.model.load_state_dict(ckpt["train_state_dict"] or ckpt["state_dict"])
+    except RuntimeError as exc:
+        raise WeightsError(f"checkpoint does not fit the model: {str(exc).splitlines()[0]}", path=s.resume) from None
+    opt.optimizer.load_state_dict(ckpt["optimizer"])
+    opt.scheduler.load_state_dict(ckpt["scheduler"])
+    if opt.ema is not None and ckpt.get("ema"):
+        opt.ema.load_state_dict(ckpt["ema"])
+    if opt.scaler is not None and ckpt.get("scaler"):
+        opt.scaler.load_state_dict(ckpt["scaler"])
+    s.start_epoch, s.best = int(ckpt["epoch"]) + 1, float(ckpt["best_fitness"])
+    s.start_step = int(ckpt.get("step") or 0)  # a checkpoint written on a signal, mid-epoch
+    s.history = [r for r in read_metrics_csv(s.run_dir / "metrics.csv") if r.get("epoch", 0) <= s.start_epoch]
+    s.saved_metrics = dict(ckpt.get("metrics") or {})
+    if s.start_step:  # the epoch's start state (its loader draws its seed from it), then the step's
+        ck.set_rng_state(ckpt["epoch_rng"])
+        s.resume_rng, s.partial = ckpt["rng"], ckpt.get("partial")
+    else:
+        ck.set_rng_state(ckpt["rng"])  # rank 0's; the other processes draw from streams of their own
+    if dist.rank() > 0:
+        ck.seed_everything(dist.seed_for_process(s.cfg.seed, s.start_epoch))
+        s.resume_rng = None
+    if dist.is_main():
+        _remove_stale_temp_files(s.run_dir)
+    s.log(f"resuming {s.run_dir} at epoch {s.start_epoch + 1}/{s.epochs}"
+          + (f", step {s.start_step + 1}/{s.iters}" if s.start_step else ""))
+
+
+def _start(s: _Session) -> None:
+    """The training model (DDP-wrapped under torchrun, compiled with --compile), the budget's plan, the header line."""
+    cfg = s.cfg
     # the model that trains: DDP-wrapped under torchrun; `model` stays the bare one that is saved
-    train_model = dist.wrap(model, device, find_unused_parameters=bool(cfg.freeze_backbone))
+    s.train_model = dist.wrap(s.model, s.run.device, find_unused_parameters=bool(cfg.freeze_backbone))
     if cfg.compile:  # the training forward/backward only; evaluation and checkpoints use the bare model
-        train_model = torch.compile(train_model)
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"{cfg.task}: {model.cnnkit_name} ({n_params:,} parameters) on {data.source}; device {device}, "
-        f"{choice.describe()}, {train_loader.num_workers} workers"
-        + (f", time budget {cfg.time:g} min ({budget.remaining() / 60:.1f} min left; "
-           + (f"{planned} epochs planned)" if planned else f"epochs planned after the first {PLAN_AFTER_STEPS} steps)")
-           if budget else "")
-        + (f", {dist.world_size()} processes x {batch} images a step" if dist.world_size() > 1 else "")
-        + f" -> {run_dir}")
+        s.train_model = torch.compile(s.train_model)
+    n_params = sum(p.numel() for p in s.model.parameters())
+    budget = s.budget
+    s.log(f"{cfg.task}: {s.model.cnnkit_name} ({n_params:,} parameters) on {s.data.source}; device {s.run.device}, "
+          f"{s.choice.describe()}, {s.train_loader.num_workers} workers"
+          + (f", time budget {cfg.time:g} min ({budget.remaining() / 60:.1f} min left; "
+             + (f"{s.planned} epochs planned)" if s.planned else f"epochs planned after the first {PLAN_AFTER_STEPS} steps)")
+             if budget else "")
+          + (f", {dist.world_size()} processes x {s.batch} images a step" if dist.world_size() > 1 else "")
+          + f" -> {s.run_dir}")
+    s.plan = BudgetPlan(budget, s.opt.scheduler, cfg, iters=s.iters, train_images=len(s.data.train),
+                        val_images=len(s.data.val), planned=s.planned, log=s.log) if budget else None
 
-    steps_done = start_epoch * iters + start_step
-    metrics: dict[str, Any] = {}  # of this process's last evaluation (the task draws from it)
-    saved_metrics = dict(ckpt.get("metrics") or {}) if ckpt is not None else {}
-    interrupted: tuple[int, int, int] | None = None  # (signal, epoch, step within it)
-    last_pt = run_dir / "weights" / "last.pt"
-    plan = BudgetPlan(budget, scheduler, cfg, iters=iters, train_images=len(data.train), val_images=len(data.val),
-                      planned=planned, log=log) if budget else None
-    epoch = start_epoch
-    while epoch < epochs:
+
+def _train_epochs(s: _Session) -> tuple[int, int, int] | None:
+    """The epochs; returns (signal, epoch, step within it) when a signal stopped them, else None."""
+    cfg = s.cfg
+    steps_done = s.start_epoch * s.iters + s.start_step
+    epoch = s.start_epoch
+    while epoch < s.epochs:
         if cfg.max_steps and steps_done >= cfg.max_steps:
             break
         if cfg.freeze_backbone:
             frozen = is_frozen_at(epoch, cfg.freeze_backbone, cfg.unfreeze_at)
-            if set_backbone_frozen(model, frozen) and (epoch > start_epoch or not frozen):
-                log(f"epoch {epoch + 1}: backbone {'frozen' if frozen else 'unfrozen'}")
+            if set_backbone_frozen(s.model, frozen) and (epoch > s.start_epoch or not frozen):
+                s.log(f"epoch {epoch + 1}: backbone {'frozen' if frozen else 'unfrozen'}")
         t0 = time.perf_counter()
-        train_loader.sampler.set_epoch(epoch)  # the order of each epoch: seed + epoch, whatever the world size
+        s.train_loader.sampler.set_epoch(epoch)  # the order of each epoch: seed + epoch, whatever the world size
         epoch_rng = ck.rng_state()  # saved with a mid-epoch checkpoint: the loader of this epoch starts from it
-        first = epoch == start_epoch
-        train = train_one_epoch(train_model, task, train_loader, optimizer, scheduler, precision, device=device,
-                                channels_last=channels_last, scaler=scaler, ema=ema, clip_grad=cfg.clip_grad,
-                                max_steps=(cfg.max_steps - steps_done) if cfg.max_steps else 0,
-                                epoch=epoch, epochs=epochs, progress=cfg.progress and dist.is_main(),
-                                on_step=plan.on_step(on_step, epoch) if plan else on_step, stop=stop,
-                                skip_nonfinite=cfg.skip_nonfinite,
-                                start_step=start_step if first else 0, resume_rng=resume_rng if first else None,
-                                resume_totals=partial if first else None)
+        first = epoch == s.start_epoch
+        plan = EpochPlan(epoch=epoch, epochs=s.epochs, max_steps=(cfg.max_steps - steps_done) if cfg.max_steps else 0,
+                         progress=cfg.progress and dist.is_main(),
+                         on_step=s.plan.on_step(s.on_step, epoch) if s.plan else s.on_step, stop=s.stop,
+                         start_step=s.start_step if first else 0, resume_rng=s.resume_rng if first else None,
+                         resume_totals=s.partial if first else None)
+        train = train_one_epoch(s.train_model, s.task, s.train_loader, s.opt, s.run, plan)
         steps_done += train["steps"]
-        if plan and not plan.epochs and train["steps"] and train["interrupted_at"] is None:
-            plan.plan(epoch, train["train_time_s"] / train["steps"], 0)  # fewer steps than the planning needs
+        if s.plan and not s.plan.epochs and train["steps"] and train["interrupted_at"] is None:
+            s.plan.plan(epoch, train["train_time_s"] / train["steps"], 0)  # fewer steps than the planning needs
         if train["interrupted_at"] is not None:  # a signal: save this step and stop
-            interrupted = (stop.signum or signal.SIGTERM, epoch, train["interrupted_at"])
             if dist.is_main():
-                state = checkpoint_dict(cfg, task, model, data, optimizer=optimizer, scheduler=scheduler, ema=ema,
-                                        epoch=epoch - 1, best_fitness=best, metrics=metrics or saved_metrics,
-                                        scaler=scaler)
+                state = checkpoint_dict(s, epoch=epoch - 1, metrics=s.metrics or s.saved_metrics)
                 state.update(step=train["interrupted_at"], epoch_rng=epoch_rng, partial=train["totals"])
-                if plan:
-                    state.update(plan.state())
-                _save_if_finite(last_pt, state, f"epoch {epoch + 1}, step {train['interrupted_at']}")
-            break
-        eval_model = ema.module if ema is not None else model
-        dist.broadcast_buffers(eval_model)  # every process evaluates the model rank 0 saves
-        t_eval = time.perf_counter()
-        metrics = evaluate(eval_model, task, val_loader, precision, device=device,
-                           channels_last=channels_last, names=data.names)
-        if plan:
-            plan.end_epoch(epoch, train["train_time_s"], time.perf_counter() - t_eval, train["steps"])
-            epochs = plan.epochs or epochs
-        fitness = float(metrics[task.fitness])
-        is_best = fitness > best
-        best = max(best, fitness)
-        row = _scalar_row(epoch + 1, train, metrics, optimizer.param_groups[0]["lr"])
-        history.append(row)
-        if dist.is_main():
-            state = checkpoint_dict(cfg, task, model, data, optimizer=optimizer, scheduler=scheduler, ema=ema,
-                                    epoch=epoch, best_fitness=best, metrics=metrics, scaler=scaler)
-            if plan:
-                state.update(plan.state())
-            _check_finite(state, f"the end of epoch {epoch + 1}")
-            write_metrics_csv(run_dir / "metrics.csv", history)
-            # best.pt first: last.pt records this epoch (and its best fitness) as saved, so a kill between
-            # the two writes must find best.pt already there; a resumed run redoes the epoch and rewrites both
-            if is_best:
-                ck.save_checkpoint(run_dir / "weights" / "best.pt", state)
-            ck.save_checkpoint(last_pt, state)
-            if cfg.plots:
-                plot_curves(history, run_dir / "results.png", task.fitness, task.metric_names)
-        shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k in task.metric_names)
-        log(f"epoch {epoch + 1}/{epochs}  train loss {train['train_loss']:.4f} | val {shown}  "
-            f"{train['images_per_s']:.0f} img/s  {time.perf_counter() - t0:.1f}s" + ("  *best*" if is_best else "")
-            + (f"  {train['skipped_steps']} non-finite step(s) skipped" if train["skipped_steps"] else ""))
+                _save_if_finite(s.last_pt, state, f"epoch {epoch + 1}, step {train['interrupted_at']}")
+            return (s.stop.signum or signal.SIGTERM, epoch, train["interrupted_at"])
+        _end_epoch(s, epoch, train, t0)
         # a signal during evaluation or the saves: last.pt already holds this epoch (the same answer on every process)
-        if dist.average([float(bool(stop.signum))], device)[0] > 0 and epoch + 1 < epochs:
-            interrupted = (stop.signum or signal.SIGTERM, epoch + 1, 0)
-            break
+        if dist.average([float(bool(s.stop.signum))], s.run.device)[0] > 0 and epoch + 1 < s.epochs:
+            return (s.stop.signum or signal.SIGTERM, epoch + 1, 0)
         epoch += 1
+    return None
+
+
+def _end_epoch(s: _Session, epoch: int, train: dict[str, Any], t0: float) -> None:
+    """Evaluate, replan the budget, write metrics.csv, best.pt, last.pt and the curves, log the epoch."""
+    task, ema = s.task, s.opt.ema
+    eval_model = ema.module if ema is not None else s.model
+    dist.broadcast_buffers(eval_model)  # every process evaluates the model rank 0 saves
+    t_eval = time.perf_counter()
+    s.metrics = metrics = evaluate(eval_model, task, s.val_loader, s.run, names=s.data.names)
+    if s.plan:
+        s.plan.end_epoch(epoch, train["train_time_s"], time.perf_counter() - t_eval, train["steps"])
+        s.epochs = s.plan.epochs or s.epochs
+    fitness = float(metrics[task.fitness])
+    is_best = fitness > s.best
+    s.best = max(s.best, fitness)
+    s.history.append(_scalar_row(epoch + 1, train, metrics, s.opt.optimizer.param_groups[0]["lr"]))
+    if dist.is_main():
+        state = checkpoint_dict(s, epoch=epoch, metrics=metrics)
+        _check_finite(state, f"the end of epoch {epoch + 1}")
+        write_metrics_csv(s.run_dir / "metrics.csv", s.history)
+        # best.pt first: last.pt records this epoch (and its best fitness) as saved, so a kill between
+        # the two writes must find best.pt already there; a resumed run redoes the epoch and rewrites both
+        if is_best:
+            ck.save_checkpoint(s.run_dir / "weights" / "best.pt", state)
+        ck.save_checkpoint(s.last_pt, state)
+        if s.cfg.plots:
+            plot_curves(s.history, s.run_dir / "results.png", task.fitness, task.metric_names)
+    shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k in task.metric_names)
+    s.log(f"epoch {epoch + 1}/{s.epochs}  train loss {train['train_loss']:.4f} | val {shown}  "
+          f"{train['images_per_s']:.0f} img/s  {time.perf_counter() - t0:.1f}s" + ("  *best*" if is_best else "")
+          + (f"  {train['skipped_steps']} non-finite step(s) skipped" if train["skipped_steps"] else ""))
+
+
+def _finish(s: _Session, interrupted: tuple[int, int, int] | None) -> RunResult:
+    """After the epochs: the interruption raised, or the task's pictures, the report and the result."""
+    cfg = s.cfg
     if interrupted is not None:
         dist.barrier()  # the others wait while rank 0 writes
-        dist.cleanup(started_group)
+        dist.cleanup(s.started_group)
         signum, epoch, step = interrupted
-        raise TrainingInterrupted(signum, last_pt, cfg.task, epoch, step)
-    if metrics and cfg.plots and dist.is_main():
-        task.draw(metrics, run_dir, names=data.names)
-    if data.skipped:
-        log(f"skipped {len(data.skipped)} bad image(s): " + "; ".join(f"{p} ({r})" for p, r in data.skipped[:10])
-            + (" ..." if len(data.skipped) > 10 else ""))
+        raise TrainingInterrupted(signum, s.last_pt, cfg.task, epoch, step)
+    if s.metrics and cfg.plots and dist.is_main():
+        s.task.draw(s.metrics, s.run_dir, names=s.data.names)
+    skipped = s.data.skipped
+    if skipped:
+        s.log(f"skipped {len(skipped)} bad image(s): " + "; ".join(f"{p} ({r})" for p, r in skipped[:10])
+              + (" ..." if len(skipped) > 10 else ""))
     if cfg.plots and dist.is_main():
-        from cnnkit.report import write_report
+        from cnnkit.engine.report import write_report
 
-        log(f"report: {write_report([run_dir], run_dir / 'report.html', device=cfg.device)}")
-    if budget is not None:
-        log(f"time budget {cfg.time:g} min: {len(history)} epochs, {budget.used() / 60:.2f} min used")
+        s.log(f"report: {write_report([s.run_dir], s.run_dir / 'report.html', device=cfg.device)}")
+    if s.budget is not None:
+        s.log(f"time budget {cfg.time:g} min: {len(s.history)} epochs, {s.budget.used() / 60:.2f} min used")
     dist.barrier()  # the others wait while rank 0 writes
-    dist.cleanup(started_group)
-    return RunResult(run_dir, metrics, best, history)
+    dist.cleanup(s.started_group)
+    return RunResult(s.run_dir, s.metrics, s.best, s.history)

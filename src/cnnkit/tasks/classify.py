@@ -7,6 +7,7 @@ the k highest scores. Per-class accuracy is the confusion matrix's diagonal over
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from cnnkit.engine import distributed as dist
-from cnnkit.tasks.base import Task, TaskData, at_least_fp32
+from cnnkit.data.images import to_channels
+from cnnkit.taskapi import (COUNT, FRACTION, EvalState, PredictionWriter, Task, TaskData, TaskOptions,
+                            at_least_fp32, number, option, register_task)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -88,10 +90,24 @@ def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int)
     return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes)
 
 
+@dataclass
+class ClassifyOptions(TaskOptions):
+    label_smoothing: float = option(0.0, "cross-entropy label smoothing", type=FRACTION)
+    train_subset: int = option(0, "train on a stratified subset of this many images (0 = all)", type=COUNT)
+    on_bad_image: str = option("error", "what a corrupt image does", choices=("error", "skip"))
+
+
+@register_task
 class ClassifyTask(Task):
     name = "classify"
     fitness = "top1"
     metric_names = ("loss", "top1", "top5")
+    Options = ClassifyOptions
+    defaults = dict(model="vgg11_bn", model_kwargs={"width": 0.5, "pool_size": 1, "dropout": 0.2}, config={})
+    figure = ("confusion_matrix.png", "confusion matrix")
+    score_meaning = "probability of the true class"
+    predict_flags = {"--top-k": dict(type=number(int, 1), default=5, help="classify: classes listed per image")}
+    demo_minutes = 4.5  # of `fit` in `make demo` (BENCHMARKS.md: the demo's time budgets)
 
     def __init__(self):
         self.mean: tuple[float, ...] = IMAGENET_MEAN
@@ -102,17 +118,17 @@ class ClassifyTask(Task):
     def build_data(self, cfg) -> TaskData:
         from cnnkit.data import load_classification_data
 
-        d = load_classification_data(cfg.data, on_bad_image=cfg.on_bad_image)
+        d = load_classification_data(cfg.data, on_bad_image=cfg.options.on_bad_image)
         train = d.train
         first = d.train[0][0]
         source_size = max(first.shape[-2:])
         self.mean, self.std = default_normalisation(d.channels)
-        self.label_smoothing = cfg.label_smoothing
+        self.label_smoothing = cfg.options.label_smoothing
         d.train.transform = train_transform(cfg.img_size, source_size, cfg.augment)
         d.val.transform = eval_transform(cfg.img_size)
         source = d.source
-        if cfg.train_subset:
-            train = stratified_subset(d.train, cfg.train_subset)
+        if cfg.options.train_subset:
+            train = stratified_subset(d.train, cfg.options.train_subset)
             source += f", training on a stratified subset of {len(train)}"
         meta = {"img_size": cfg.img_size, "channels": d.channels, "mean": list(self.mean), "std": list(self.std)}
         return TaskData(train, d.val, list(d.names), in_memory=bool(getattr(d, "in_memory", True)),
@@ -134,44 +150,34 @@ class ClassifyTask(Task):
         return F.cross_entropy(at_least_fp32(logits), targets, label_smoothing=self.label_smoothing), {}
 
     # -- evaluation -----------------------------------------------------------------------------
-    def evaluate(self, model, loader, *, device, precision, names, channels_last=False) -> dict[str, Any]:
-        from cnnkit.engine.loop import to_device
-
+    def eval_start(self, names, device) -> EvalState:
         n_cls = len(names)
-        cm = torch.zeros(n_cls, n_cls, dtype=torch.long)
-        hits = {1: 0, 5: 0}
-        loss_sum, n = 0.0, 0
-        for images, labels in loader:
-            images = to_device(images, self, device, channels_last)
-            labels = labels.to(device)
-            with precision.autocast():
-                logits = model(images)
-            logits = at_least_fp32(logits)
-            loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-            for k, v in topk_correct(logits, labels).items():
-                hits[k] += v
-            cm += confusion_matrix(logits.argmax(1), labels, n_cls).cpu()
-            n += labels.numel()
-        if dist.is_sharded(loader):  # torchrun: this process saw one shard; sum the counts of all
-            cm, hits[1], hits[5], loss_sum, n = dist.sum_across(cm, hits[1], hits[5], loss_sum, n)
+        return EvalState(sums={"cm": torch.zeros(n_cls, n_cls, dtype=torch.long), "top1": 0, "top5": 0,
+                               "loss": 0.0, "n": 0})
+
+    def eval_step(self, state: EvalState, logits, images, labels) -> list:
+        n_cls = state.sums["cm"].shape[0]
+        hits = topk_correct(logits, labels)
+        state.add(loss=float(F.cross_entropy(logits, labels, reduction="sum")), top1=hits[1], top5=hits[5],
+                  n=labels.numel(), cm=confusion_matrix(logits.argmax(1), labels, n_cls).cpu())
+        return logits.argmax(1).tolist()
+
+    def summarise(self, state: EvalState, names) -> dict[str, Any]:
+        s = state.sums
+        cm, n = s["cm"], s["n"]
         per_class = (cm.diag().float() / cm.sum(1).clamp(min=1).float()).tolist()
-        return {"loss": loss_sum / max(1, n), "top1": hits[1] / max(1, n), "top5": hits[5] / max(1, n),
+        return {"loss": s["loss"] / max(1, n), "top1": s["top1"] / max(1, n), "top5": s["top5"] / max(1, n),
                 "images": n, "per_class": dict(zip(names, per_class)), "confusion": cm.tolist()}
 
     def draw(self, metrics: dict[str, Any], out_dir: Path, *, names: list[str]) -> Path:
-        from cnnkit.tasks.plots import plot_confusion
+        from cnnkit.plots import plot_confusion
 
         return plot_confusion(metrics["confusion"], names, Path(out_dir) / "confusion_matrix.png",
                               title=f"top-1 {metrics['top1']:.2%}  top-5 {metrics['top5']:.2%}")
 
     # -- per-image scores (the run report's gallery) ----------------------------------------------
-    @torch.no_grad()
-    def score_images(self, model, images, targets, *, device, precision, channels_last=False) -> list[tuple[float, Any]]:
-        """One validation batch -> per image (score, prediction); the score is the probability of the true class."""
-        from cnnkit.engine.loop import to_device
-
-        with precision.autocast():
-            logits = model(to_device(images, self, device, channels_last))
+    def score_batch(self, logits, targets) -> list[tuple[float, Any]]:
+        """Per image (score, prediction); the score is the probability of the true class."""
         probs = logits.float().softmax(dim=1).cpu()
         p_true = probs.gather(1, targets.cpu().long().view(-1, 1)).flatten()
         conf, pred = probs.max(dim=1)
@@ -196,59 +202,112 @@ class ClassifyTask(Task):
         probs = logits.float().softmax(dim=1)
         return probs.topk(min(k, probs.shape[1]), dim=1)
 
-    def predict_paths(self, trained, sources, *, out_dir, top_k: int = 5, batch_size: int = 64) -> list[dict]:
-        """Top-k classes of every image in `sources` (files or folders, recursively).
+    def predict_inputs(self, trained, paths):
+        """Decoded files, brought to the model's channels, fitted to its input as validation images are."""
+        from cnnkit.data.images import decode_image
 
-        Writes predictions.csv, predictions.json and predictions.png (an annotated grid of the first
-        48) into out_dir, atomically; returns one dict per image.
-        """
+        pre = trained.ckpt.get("preprocess", {})
+        channels = int(pre.get("channels", 3))
+        tf = eval_transform(trained.img_size, float(pre.get("crop_pct", 1.0)))
+        imgs = [tf(to_channels(decode_image(p), channels)) for p in paths]
+        return imgs, torch.stack(imgs)
+
+    def predict_step(self, trained, logits, options) -> list:
+        probs = logits.float().softmax(dim=1)
+        top = probs.topk(min(int(options.get("top_k") or 5), probs.shape[1]), dim=1)
+        return list(zip(top.values.tolist(), top.indices.tolist()))
+
+    def prediction_writer(self, trained, paths, out_dir, options, log) -> PredictionWriter:
+        return TopKWriter(trained.names, Path(out_dir), int(options.get("top_k") or 5))
+
+    def from_pretrained(self, model):
+        """ImageNet-style preprocessing and the weights' class names (class_i when they carry none)."""
+        pre = dict(getattr(model, "cnnkit_preprocess", None) or {})
+        names = list(getattr(model, "cnnkit_categories", None) or [])
+        n_out = getattr(model, "num_classes", None) or len(names)
+        names = names or [f"class_{i}" for i in range(n_out)]
+        pre.setdefault("img_size", 224)
+        pre.setdefault("mean", list(IMAGENET_MEAN))
+        pre.setdefault("std", list(IMAGENET_STD))
+        pre.setdefault("crop_pct", 0.875)
+        pre.setdefault("channels", getattr(model, "in_channels", 3))
+        return pre, names
+
+    # -- data check, export, demo ----------------------------------------------------------------
+    def check_data(self, spec, *, decode: bool = True):
+        from cnnkit.data.check import check_classification
+
+        return check_classification(spec, self.name, decode=decode)
+
+    def export_outputs(self, with_nms: bool) -> list[str]:
+        return ["logits [N, classes]"]
+
+    def demo_predict(self, trained, run_dir, cfg) -> None:
+        from cnnkit.engine.predictor import predict_files
+
+        samples = write_samples(Path(run_dir) / "samples", cfg.data, n=32)
+        predict_files(trained, [samples], out_dir=Path(run_dir) / "predict", options={"top_k": 3})
+
+    def demo_lines(self, cfg, metrics, run_dir, epochs: int, minutes: float) -> list[str]:
+        budget = f" (budget {cfg.time:g} min)" if cfg.time else ""
+        return [f"demo: {cfg.model} (width {cfg.model_kwargs.get('width', 1.0)}) trained {epochs} epochs on "
+                f"8,000 Fashion-MNIST images in {minutes:.1f} min{budget}",
+                f"      held-out 2,000 images: top-1 {metrics['top1']:.2%}, top-5 {metrics['top5']:.2%}",
+                f"      {run_dir}/metrics.csv, results.png, confusion_matrix.png, predict/predictions.png"]
+
+
+class TopKWriter(PredictionWriter):
+    """predictions.csv, predictions.json and predictions.png (an annotated grid of the first 48), atomically."""
+
+    def __init__(self, names: list[str], out_dir: Path, top_k: int):
+        self.names, self.out_dir, self.top_k = names, out_dir, top_k
+        self.rows: list[dict] = []
+        self.thumbs: list = []
+
+    def add(self, path, original, prediction) -> dict:
+        pr, ix = prediction
+        top = [{"class": self.names[i], "index": i, "prob": round(q, 6)} for q, i in zip(pr, ix)]
+        row = {"path": str(path), "top": top,
+               "summary": f"{path}: " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in top[:3])}
+        self.rows.append(row)
+        if len(self.thumbs) < 48:
+            self.thumbs.append((original, f"{self.names[ix[0]]} {pr[0]:.2f}"))
+        return row
+
+    def close(self) -> None:
         import csv
         import io
         import json
 
-        from cnnkit.data.images import decode_image
-        from cnnkit.data.sources import collect_image_paths
+        from cnnkit.plots import plot_grid
         from cnnkit.engine.checkpoint import atomic_write_text
-        from cnnkit.tasks.plots import plot_grid
 
-        paths = collect_image_paths(sources)
-        channels = int(trained.ckpt.get("preprocess", {}).get("channels", 3))
-        tf = eval_transform(trained.img_size, float(trained.ckpt.get("preprocess", {}).get("crop_pct", 1.0)))
-        names, rows, thumbs = trained.names, [], []
-        for start in range(0, len(paths), batch_size):
-            chunk = paths[start:start + batch_size]
-            imgs = [tf(_to_channels(decode_image(p), channels)) for p in chunk]
-            x = torch.stack(imgs).to(trained.device)
-            if trained.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            probs, idx = self.predict(trained.model, x, k=top_k, precision=trained.precision)
-            for p, img, pr, ix in zip(chunk, imgs, probs.tolist(), idx.tolist()):
-                top = [{"class": names[i], "index": i, "prob": round(q, 6)} for q, i in zip(pr, ix)]
-                rows.append({"path": str(p), "top": top,
-                             "summary": f"{p}: " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in top[:3])})
-                if len(thumbs) < 48:
-                    thumbs.append((img, f"{names[ix[0]]} {pr[0]:.2f}"))
-        out_dir = Path(out_dir)
         buf = io.StringIO()
         w = csv.writer(buf)
-        k = len(rows[0]["top"]) if rows else top_k
+        k = len(self.rows[0]["top"]) if self.rows else self.top_k
         w.writerow(["path"] + [f"{c}{j + 1}" for j in range(k) for c in ("class", "prob")])
-        for r in rows:
+        for r in self.rows:
             w.writerow([r["path"]] + [v for t in r["top"] for v in (t["class"], t["prob"])])
-        atomic_write_text(out_dir / "predictions.csv", buf.getvalue())
-        atomic_write_text(out_dir / "predictions.json",
-                          json.dumps([{k: r[k] for k in ("path", "top")} for r in rows], indent=1))
-        if thumbs:
-            pics = [(t[0].permute(1, 2, 0).squeeze(-1).numpy()) for t in thumbs]
-            plot_grid(pics, [t[1] for t in thumbs], out_dir / "predictions.png")
-        return rows
+        atomic_write_text(self.out_dir / "predictions.csv", buf.getvalue())
+        atomic_write_text(self.out_dir / "predictions.json",
+                          json.dumps([{k: r[k] for k in ("path", "top")} for r in self.rows], indent=1))
+        if self.thumbs:
+            pics = [(t[0].permute(1, 2, 0).squeeze(-1).numpy()) for t in self.thumbs]
+            plot_grid(pics, [t[1] for t in self.thumbs], self.out_dir / "predictions.png")
 
 
-def _to_channels(img: torch.Tensor, channels: int) -> torch.Tensor:
-    """Decoded RGB uint8 [3,H,W] -> the channel count the model was trained on (ITU-R 601 luma for grey)."""
-    if channels == 3 or img.shape[0] == channels:
-        return img
-    if channels == 1:
-        w = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
-        return (img.float() * w).sum(0, keepdim=True).round().clamp(0, 255).to(torch.uint8)
-    raise ValueError(f"cannot convert {img.shape[0]} channels to {channels}")
+def write_samples(folder: Path, data: str, n: int) -> Path:
+    """Save the first n validation images as PNG files, so prediction runs on real files."""
+    from PIL import Image
+
+    from cnnkit.data import load_classification_data
+
+    d = load_classification_data(data)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(min(n, len(d.val))):
+        img, label = d.val[i]
+        Image.fromarray(img.squeeze(0).numpy()).save(folder / f"{i:03d}_{d.names[label].replace('/', '-')}.png")
+    return folder
+
+
+_to_channels = to_channels  # the name earlier versions used

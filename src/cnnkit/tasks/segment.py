@@ -11,6 +11,7 @@ argmax.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from cnnkit.errors import UsageError
-from cnnkit.engine import distributed as dist
-from cnnkit.tasks.base import ResultWriter, Task, TaskData, square_batches
+from cnnkit.taskapi import (NON_NEGATIVE, PROBABILITY, EvalState, PredictionWriter, ResultWriter, Task, TaskData,
+                            TaskOptions, option, register_task)
 
 IGNORE_INDEX = 255
 MEDIAN_FREQUENCY = "median-frequency"
@@ -124,10 +125,44 @@ def aux_scores_and_truth(aux: torch.Tensor, masks: torch.Tensor, stride: int = 4
     return scores, truth
 
 
+@dataclass
+class SegmentOptions(TaskOptions):
+    dice_weight: float = option(0.0, "add this times the soft Dice loss (V-Net) to the cross-entropy (0 = "
+                                "cross-entropy only)", type=NON_NEGATIVE)
+    copy_paste: float = option(0.0, "chance per training image that the labelled pixels (not background 0, not "
+                               "255) of another image of its batch, mirrored, are pasted over it (Ghiasi et al. "
+                               "2021; 0 = off)", type=PROBABILITY)
+    class_weights: str = option("", "cross-entropy class weights: empty (none), median-frequency, or one number "
+                                "per class, comma-separated")
+    upsample: str | None = option(None, "unet: how the decoder upsamples (default: the model's own)",
+                                  choices=("transposed", "nearest", "bilinear"), model=True)
+    output_stride: int | None = option(None, "unet: stride at which the decoder stops and the class scores are "
+                                       "bilinearly upsampled to the image (1 = full-resolution decoder; default: "
+                                       "the task's)", type=int, choices=(1, 2, 4), model=True)
+    aux_loss: bool | None = option(None, "unet: an auxiliary classifier on the first decoder block, its "
+                                   "cross-entropy added at weight 0.4 in training (PSPNet; default: the task's)",
+                                   type=bool, model=True)
+
+
+@register_task
 class SegmentTask(Task):
     name = "segment"
     fitness = "mIoU"
     metric_names = ("loss", "mIoU", "pixel_accuracy", "mean_accuracy")
+    Options = SegmentOptions
+    # U-Net on the offline ImageNet EfficientNet-Lite0, scores at stride 4 upsampled bilinearly (DeepLabv3+'s
+    # choice), the stride <= 4 layers frozen, a lighter decoder (128-64-48 channels: 1.5x cheaper steps than
+    # 256-128-64), in-batch copy-paste, PSPNet's auxiliary classifier and cross-entropy + soft Dice: each measured
+    # on the built-in scenes (BENCHMARKS.md)
+    defaults = dict(model="unet", model_kwargs={"backbone": "efficientnet_lite0", "width": 1.0, "output_stride": 4,
+                                                "decoder_channels": [128, 64, 48, 32, 16], "aux_loss": True},
+                    config={"data": "scenes-seg", "img_size": 160, "batch_size": 16, "epochs": 8, "lr": 0.002,
+                            "optimizer": "adamw", "weight_decay": 0.05, "clip_grad": 10.0, "warmup_epochs": 1.0,
+                            "weights": "imagenet", "freeze_early": 4, "copy_paste": 1.0, "dice_weight": 1.0})
+    figure = ("confusion_matrix.png", "pixel confusion matrix")
+    score_meaning = "the image's mIoU over the classes in its truth or prediction"
+    demo_minutes = 9.5
+    demo_quick_steps = 2
     saves = {"masks": "masks/<image stem>.png: the predicted index mask of each validation image as val scores it "
                       "(img-size x img-size; pixel = class index; 8-bit palette PNG, 16-bit over 255 classes)"}
 
@@ -143,17 +178,17 @@ class SegmentTask(Task):
                                               segment_train_transform, segmentation_collate)
 
         d = load_segmentation_data(cfg.data)
-        self.copy_paste = float(getattr(cfg, "copy_paste", 0.0) or 0.0) if cfg.augment else 0.0
+        self.copy_paste = float(cfg.options.copy_paste or 0.0) if cfg.augment else 0.0
         d.train.transform = segment_train_transform(cfg.img_size, cfg.augment)
         d.val.transform = segment_eval_transform(cfg.img_size)
         meta = {"img_size": cfg.img_size, "channels": 3, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
-        weights = parse_class_weights(getattr(cfg, "class_weights", None), len(d.names))
+        weights = parse_class_weights(cfg.options.class_weights, len(d.names))
         if weights == MEDIAN_FREQUENCY:
             weights = median_frequency_weights(d.train, len(d.names))
         if weights is not None:
             meta["class_weights"] = [round(float(w), 6) for w in weights]
-        if getattr(cfg, "dice_weight", 0.0):
-            meta["dice_weight"] = float(cfg.dice_weight)
+        if cfg.options.dice_weight:
+            meta["dice_weight"] = float(cfg.options.dice_weight)
         self.configure(meta)
         return TaskData(d.train, d.val, list(d.names), collate_fn=segmentation_collate,
                         in_memory=bool(d.in_memory), source=d.source, meta=meta)
@@ -211,41 +246,32 @@ class SegmentTask(Task):
         return loss, parts
 
     # -- evaluation -----------------------------------------------------------------------------
-    def evaluate(self, model, loader, *, device, precision, names, channels_last=False) -> dict[str, Any]:
-        from cnnkit.engine.loop import to_device
-        from cnnkit.tasks.segmentation_metrics import confusion_matrix, segmentation_scores
-
+    def eval_start(self, names, device) -> EvalState:
         n_cls = len(names)
-        cm = torch.zeros(n_cls, n_cls, dtype=torch.int64, device=device)
-        loss_sum, n = 0.0, 0
-        examples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        for images, masks in loader:
-            x = to_device(images, self, device, channels_last)
-            y = masks.to(device, non_blocking=True)
-            with precision.autocast():
-                logits = model(x)
-            logits = logits.float()
-            loss_sum += float(self.criterion(logits, y)) * x.shape[0]
-            n += x.shape[0]
-            pred = logits.argmax(1)
-            cm += confusion_matrix(pred, y, n_cls, ignore_index=IGNORE_INDEX)
-            if self.on_prediction is not None:  # `cnnkit val --save-masks`: the masks scored here
-                for k, p in enumerate(pred.cpu()):
-                    self.on_prediction(n - x.shape[0] + k, p)
-            for img, p, t in zip(images, pred, masks):
-                if len(examples) >= 8:
-                    break
-                examples.append((img.cpu(), p.cpu(), t.cpu()))
-        if dist.is_sharded(loader):  # torchrun: one confusion matrix over the pixels of every process
-            cm, loss_sum, n = dist.sum_across(cm, loss_sum, n)
-            examples = dist.gather_ordered(examples)[:8]
-        scores = segmentation_scores(cm.cpu(), names)
-        return {"loss": loss_sum / max(1, n), "mIoU": float(scores["mIoU"]),
+        return EvalState(sums={"cm": torch.zeros(n_cls, n_cls, dtype=torch.int64, device=device), "loss": 0.0, "n": 0},
+                         lists={"examples": []})
+
+    def eval_step(self, state: EvalState, logits, images, masks) -> list:
+        from cnnkit.tasks.segmentation_metrics import confusion_matrix
+
+        pred = logits.argmax(1)
+        state.add(loss=float(self.criterion(logits, masks)) * logits.shape[0], n=logits.shape[0],
+                  cm=confusion_matrix(pred, masks, logits.shape[1], ignore_index=IGNORE_INDEX))
+        state.extend("examples", [(img.cpu(), p.cpu(), t.cpu()) for img, p, t in zip(images, pred, masks)], limit=8)
+        return list(pred.cpu())
+
+    def summarise(self, state: EvalState, names) -> dict[str, Any]:
+        from cnnkit.tasks.segmentation_metrics import segmentation_scores
+
+        cm, n = state.sums["cm"].cpu(), state.sums["n"]
+        scores = segmentation_scores(cm, names)
+        return {"loss": state.sums["loss"] / max(1, n), "mIoU": float(scores["mIoU"]),
                 "pixel_accuracy": float(scores["pixel_accuracy"]), "mean_accuracy": float(scores["mean_accuracy"]),
-                "images": n, "per_class_IoU": scores["per_class_IoU"], "confusion": cm.cpu(), "examples": examples}
+                "images": n, "per_class_IoU": scores["per_class_IoU"], "confusion": cm,
+                "examples": state.lists["examples"][:8]}
 
     def draw(self, metrics: dict[str, Any], out_dir: Path, *, names: list[str]) -> Path:
-        from cnnkit.tasks.plots import plot_grid
+        from cnnkit.plots import plot_grid
         from cnnkit.tasks.segmentation_metrics import overlay, plot_segmentation_confusion
 
         out_dir = Path(out_dir)
@@ -268,15 +294,11 @@ class SegmentTask(Task):
         return MaskWriter([Path(image) for image, _ in data.val.pairs], len(data.names), Path(out_dir) / "masks")
 
     # -- per-image scores (the run report's gallery) ----------------------------------------------
-    @torch.no_grad()
-    def score_images(self, model, images, targets, *, device, precision, channels_last=False) -> list[tuple[float, Any]]:
-        """One validation batch -> per image (score, predicted mask); the score is the image's own mIoU
-        over the classes in its truth or prediction (ignore pixels left out; 0.0 when all are ignored)."""
-        from cnnkit.engine.loop import to_device
+    def score_batch(self, logits, targets) -> list[tuple[float, Any]]:
+        """Per image (score, predicted mask); the score is the image's own mIoU over the classes in its
+        truth or prediction (ignore pixels left out; 0.0 when all are ignored)."""
         from cnnkit.tasks.segmentation_metrics import confusion_matrix, segmentation_scores
 
-        with precision.autocast():
-            logits = model(to_device(images, self, device, channels_last))
         n_cls = logits.shape[1]
         preds = logits.float().argmax(1).cpu()
         classes = [str(c) for c in range(n_cls)]
@@ -293,41 +315,62 @@ class SegmentTask(Task):
                 (overlay(image, prediction, num_classes=len(names)).permute(1, 2, 0).numpy(), "prediction")]
 
     # -- prediction -----------------------------------------------------------------------------
-    @torch.no_grad()
-    def predict_paths(self, trained, sources, *, out_dir, top_k: int = 5, batch_size: int = 16) -> list[dict]:
-        """Segment every image of `sources` at its own size; writes masks/<stem>.png (`mask_png`: pixel
-        value = class index, an 8-bit PNG in the VOC colours) and overlays/<stem>.png (the image with the
-        classes blended in)."""
+    def predict_step(self, trained, logits, options) -> list:
+        return list(logits.float())
+
+    def prediction_writer(self, trained, paths, out_dir, options, log) -> PredictionWriter:
+        """Each image segmented at its own size: masks/<stem>.png (`mask_png`: pixel value = class index, an
+        8-bit PNG in the VOC colours) and overlays/<stem>.png (the image with the classes blended in)."""
+        return MaskFileWriter(trained.names, Path(out_dir), int(options.get("top_k") or 5))
+
+    # -- data check, export, demo ----------------------------------------------------------------
+    def check_data(self, spec, *, decode: bool = True):
+        from cnnkit.data.check import check_segmentation
+
+        return check_segmentation(spec, self.name, decode=decode)
+
+    def export_outputs(self, with_nms: bool) -> list[str]:
+        return ["logits [N, classes, H, W]"]
+
+    def demo_predict(self, trained, run_dir, cfg) -> None:
+        from cnnkit.tasks.detect import scenes_demo_predict
+
+        scenes_demo_predict(trained, run_dir)
+
+    def demo_lines(self, cfg, metrics, run_dir, epochs: int, minutes: float) -> list[str]:
+        from cnnkit.tasks.detect import scenes_demo_headline
+
+        return [scenes_demo_headline(cfg, epochs, minutes),
+                f"      held-out 300 scenes: mIoU {metrics['mIoU']:.3f}, pixel accuracy {metrics['pixel_accuracy']:.3f}",
+                f"      {run_dir}/confusion_matrix.png, val_predictions.png, predict/overlays/"]
+
+
+class MaskFileWriter(PredictionWriter):
+    """`cnnkit predict` of a segmenter: masks/<stem>.png and overlays/<stem>.png at each image's own size."""
+
+    def __init__(self, names: list[str], out_dir: Path, top_k: int):
+        self.names, self.out_dir, self.top_k = names, out_dir, top_k
+
+    def add(self, p, im, logits) -> dict:
         from PIL import Image
 
-        from cnnkit.data.sources import collect_image_paths
         from cnnkit.engine.checkpoint import atomic_path
         from cnnkit.tasks.segmentation_metrics import overlay
 
-        paths = collect_image_paths(sources)
-        names = trained.names
-        out_dir = Path(out_dir)
-        rows = []
-        for chunk, originals, x in square_batches(trained, paths, batch_size, self.prepare):
-            with trained.precision.autocast():
-                logits = trained.model(x)
-            logits = logits.float()
-            for p, im, lg in zip(chunk, originals, logits):
-                h, w = im.shape[-2:]
-                mask = F.interpolate(lg[None], size=(h, w), mode="bilinear", align_corners=False)[0].argmax(0).cpu()
-                png = mask_png(mask, len(names))
-                with atomic_path(out_dir / "masks" / f"{p.stem}.png") as tmp:
-                    png.save(tmp, format="PNG")
-                blended = overlay(im, mask, num_classes=len(names))
-                with atomic_path(out_dir / "overlays" / f"{p.stem}.png") as tmp:
-                    Image.fromarray(blended.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
-                counts = torch.bincount(mask.reshape(-1), minlength=len(names))
-                share = [(int(c), float(v) / mask.numel()) for c, v in enumerate(counts.tolist()) if v]
-                share.sort(key=lambda t: -t[1])
-                summary = ", ".join(f"{names[c]} {s:.0%}" for c, s in share[:top_k])
-                rows.append({"path": str(p), "classes": {names[c]: s for c, s in share},
-                             "summary": f"{p}: {summary}"})
-        return rows
+        p, names = Path(p), self.names
+        h, w = im.shape[-2:]
+        mask = F.interpolate(logits[None], size=(h, w), mode="bilinear", align_corners=False)[0].argmax(0).cpu()
+        png = mask_png(mask, len(names))
+        with atomic_path(self.out_dir / "masks" / f"{p.stem}.png") as tmp:
+            png.save(tmp, format="PNG")
+        blended = overlay(im, mask, num_classes=len(names))
+        with atomic_path(self.out_dir / "overlays" / f"{p.stem}.png") as tmp:
+            Image.fromarray(blended.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
+        counts = torch.bincount(mask.reshape(-1), minlength=len(names))
+        share = [(int(c), float(v) / mask.numel()) for c, v in enumerate(counts.tolist()) if v]
+        share.sort(key=lambda t: -t[1])
+        summary = ", ".join(f"{names[c]} {s:.0%}" for c, s in share[:self.top_k])
+        return {"path": str(p), "classes": {names[c]: s for c, s in share}, "summary": f"{p}: {summary}"}
 
 
 def mask_png(mask: torch.Tensor, num_classes: int):

@@ -89,7 +89,7 @@ def segmentation_scores(cm, names: Sequence[str]) -> dict:
 def plot_segmentation_confusion(cm, names: Sequence[str], path: str | Path, title: str = "") -> Path:
     """Row-normalised pixel confusion matrix as a PNG (written atomically). Cells show the percentage
     of the true class's pixels, since raw pixel counts run to millions."""
-    from cnnkit.tasks.plots import plot_confusion
+    from cnnkit.plots import plot_confusion
 
     m = (cm.detach().cpu().numpy() if isinstance(cm, torch.Tensor) else np.asarray(cm)).astype(np.float64)
     percent = np.rint(100 * m / np.maximum(m.sum(axis=1, keepdims=True), 1)).astype(np.int64)
