@@ -17,7 +17,8 @@ ort = pytest.importorskip("onnxruntime")
 import cnnkit  # noqa: E402
 from cnnkit.cli import main  # noqa: E402
 from cnnkit.engine.checkpoint import save_checkpoint  # noqa: E402
-from cnnkit.engine.export import ExportError, export, require_onnx, unpad_detections  # noqa: E402
+from cnnkit.engine.export import ExportError, export, require_onnx  # noqa: E402
+from cnnkit.tasks.yolo_export import unpad_detections  # noqa: E402
 from cnnkit.engine.inference import load_trained  # noqa: E402
 from cnnkit.models import build_model  # noqa: E402
 from cnnkit.tasks.yolo import postprocess  # noqa: E402
@@ -212,7 +213,7 @@ def test_export_errors_are_one_line_exit_2(weights, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "--format" in err and "onnx" in err and len(err.splitlines()) == 1
     assert main(["export", "--weights", str(weights["classify"]), "--with-nms", "--out", str(tmp_path / "c.onnx")]) == 2
-    assert "--with-nms is for detection" in capsys.readouterr().err
+    assert "--with-nms does not apply to a classify checkpoint" in capsys.readouterr().err
     assert main(["predict", "--weights", str(tmp_path / "nope.onnx"), str(PHOTOS)]) == 2
     assert "nope.onnx" in capsys.readouterr().err
 

@@ -19,7 +19,8 @@ from cnnkit.cli import build_parser, config_from_args
 from cnnkit.engine import checkpoint as ck
 from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.device import Precision
-from cnnkit.engine.loop import DivergedError, train_one_epoch
+from cnnkit.engine.device import RunSettings
+from cnnkit.engine.loop import DivergedError, EpochPlan, Optimisation, train_one_epoch
 from cnnkit.engine.trainer import fit
 
 STEPS = 4  # 64 training images / batch 16
@@ -200,9 +201,9 @@ def test_grad_scaler_overflow_still_skips_and_nan_loss_skip_leaves_the_scaler_al
         snapshots.append(([p.detach().clone() for p in model.parameters()], scaler.get_scale()))
 
     before = [p.detach().clone() for p in model.parameters()]
-    out = train_one_epoch(model, task, data, opt, sched, Precision("fp16", torch.float16, "cpu"),
-                          device=torch.device("cpu"), scaler=scaler, progress=False, on_step=on_step,
-                          skip_nonfinite=True)
+    out = train_one_epoch(model, task, data, Optimisation(opt, sched, scaler, skip_nonfinite=True),
+                          RunSettings(torch.device("cpu"), Precision("fp16", torch.float16, "cpu")),
+                          EpochPlan(progress=False, on_step=on_step))
     weights = [before] + [w for w, _ in snapshots]
     changed = [not all(torch.equal(a, b) for a, b in zip(weights[i], weights[i + 1])) for i in range(6)]
     assert changed == [True, False, True, False, True, True]

@@ -17,7 +17,7 @@ import torch
 
 from cnnkit.engine import probe
 from cnnkit.engine.config import TrainConfig
-from cnnkit.engine.probe import Choice, _pick, choose
+from cnnkit.engine.probe import ProbeRequest, Choice, _pick, choose
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -62,7 +62,7 @@ def test_layout_is_measured_then_cached(cache, virtual_clock):
     calls: list = []
     step = _sleeper({False: 0.03, True: 0.01}, calls, virtual_clock)
     logs: list[str] = []
-    c = choose(_model(), device=CPU, precision="fp32", channels_last="auto", model_id="m", shape=(2, 3, 8, 8),
+    c = choose(_model(), ProbeRequest(CPU, "fp32", "auto", "m", (2, 3, 8, 8)),
                step=step, log=logs.append)
     assert (c.precision.name, c.channels_last, c.how) == ("fp32", True, "measured")
     assert len(calls) == 2 * (1 + probe.TIMED_STEPS) and not logs
@@ -74,10 +74,10 @@ def test_layout_is_measured_then_cached(cache, virtual_clock):
     def never(*a):
         raise AssertionError("a cached answer measures nothing")
 
-    again = choose(_model(), device=CPU, precision="fp32", channels_last="auto", model_id="m", shape=(2, 3, 8, 8),
+    again = choose(_model(), ProbeRequest(CPU, "fp32", "auto", "m", (2, 3, 8, 8)),
                    step=never)
     assert (again.channels_last, again.how) == (True, "cached")
-    other = choose(_model(), device=CPU, precision="fp32", channels_last="auto", model_id="m", shape=(4, 3, 8, 8),
+    other = choose(_model(), ProbeRequest(CPU, "fp32", "auto", "m", (4, 3, 8, 8)),
                    step=_sleeper({False: 0.01, True: 0.02}, [], virtual_clock))
     assert (other.channels_last, other.how) == (False, "measured")  # another batch size is measured anew
 
@@ -90,7 +90,7 @@ def test_a_busy_machine_is_not_cached(cache, virtual_clock):
         virtual_clock.now += next(slow)
 
     logs: list[str] = []
-    c = choose(_model(), device=CPU, precision="fp32", channels_last="auto", model_id="m", shape=(1, 3, 8, 8),
+    c = choose(_model(), ProbeRequest(CPU, "fp32", "auto", "m", (1, 3, 8, 8)),
                step=step, log=logs.append)
     assert c.how == "measured, noisy" and not cache.exists()
     assert len(logs) == 1 and "not cached" in logs[0]
@@ -100,7 +100,7 @@ def test_forced_settings_are_not_timed(cache):
     def never(*a):
         raise AssertionError("forced: nothing to measure")
 
-    c = choose(_model(), device=CPU, precision="fp32", channels_last="on", model_id="m", shape=(1, 3, 8, 8), step=never)
+    c = choose(_model(), ProbeRequest(CPU, "fp32", "on", "m", (1, 3, 8, 8)), step=never)
     assert (c.precision.name, c.channels_last, c.how) == ("fp32", True, "forced")
     assert not cache.exists()
 
@@ -111,7 +111,7 @@ def test_a_layout_that_fails_is_left_out_with_one_line(cache, virtual_clock):
             raise RuntimeError("no channels_last kernel for this operator\nsecond line")
 
     logs: list[str] = []
-    c = choose(_model(), device=CPU, precision="fp32", channels_last="auto", model_id="m", shape=(1, 3, 8, 8),
+    c = choose(_model(), ProbeRequest(CPU, "fp32", "auto", "m", (1, 3, 8, 8)),
                step=step, log=logs.append)
     assert (c.channels_last, c.failed) == (False, ("fp32/cl",))
     assert len(logs) == 1 and "fp32/cl does not run here (RuntimeError: no channels_last kernel" in logs[0]
@@ -124,7 +124,7 @@ def test_the_random_state_is_restored(cache, virtual_clock):
 
     model = _model()
     torch.manual_seed(5)
-    choose(model, device=CPU, precision="fp32", channels_last="auto", model_id="m", shape=(1, 3, 8, 8), step=step)
+    choose(model, ProbeRequest(CPU, "fp32", "auto", "m", (1, 3, 8, 8)), step=step)
     after = torch.rand(3)
     torch.manual_seed(5)
     assert torch.equal(torch.rand(3), after)
@@ -138,7 +138,7 @@ def test_the_model_is_not_touched(cache, virtual_clock):
         m.train()
         m(torch.randn(2, 3, 8, 8)).sum().backward()
 
-    choose(model, device=CPU, precision="fp32", channels_last="auto", model_id="bn", shape=(2, 3, 8, 8), step=step)
+    choose(model, ProbeRequest(CPU, "fp32", "auto", "bn", (2, 3, 8, 8)), step=step)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BatchNorm statistics too
     assert model[0].weight.is_contiguous()
 

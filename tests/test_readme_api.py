@@ -35,7 +35,7 @@ def test_readme_api_examples_run(tmp_path, monkeypatch):
     def quick_fit(cfg, **kwargs):
         cfg.epochs, cfg.max_steps, cfg.batch_size, cfg.progress = 1, 2, 4, False
         if cfg.task == "classify":
-            cfg.train_subset = 64
+            cfg.options.train_subset = 64
         else:
             cfg.data, cfg.img_size = str(scenes), 96
         result = real_fit(cfg, **kwargs)

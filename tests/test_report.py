@@ -196,8 +196,7 @@ def test_demo_ends_with_one_report_of_the_runs_it_made(runs, tmp_path, monkeypat
 
     # the runs fit returned (here the fixture's, named r, not demo): the page covers exactly those
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(demo, "_classify", lambda quick: runs["classify"])
-    monkeypatch.setattr(demo, "_scenes_task", lambda quick, task: runs[task])
+    monkeypatch.setattr(demo, "_run_task", lambda task, quick: runs[task])
     assert demo.run_demo(quick=True, tasks=("classify", "segment")) == 0
     out = tmp_path / "runs" / "demo_report.html"
     assert str(Path("runs") / "demo_report.html") in capsys.readouterr().out
@@ -207,25 +206,22 @@ def test_demo_ends_with_one_report_of_the_runs_it_made(runs, tmp_path, monkeypat
 def test_per_image_scores_by_hand():
     import torch
 
-    from cnnkit.engine.device import resolve_precision
     from cnnkit.tasks.classify import ClassifyTask
     from cnnkit.tasks.detect import DetectTask
     from cnnkit.tasks.segment import SegmentTask
 
-    cpu, fp32 = torch.device("cpu"), resolve_precision("fp32", torch.device("cpu"))
-    images = torch.zeros(1, 3, 2, 2, dtype=torch.uint8)
 
     # classify: the softmax probability of the true class, softmax(0, ln 3) = (1/4, 3/4)
     logits = torch.tensor([[0.0, float(torch.log(torch.tensor(3.0)))]])
     task = ClassifyTask()
     task.configure({"mean": [0, 0, 0], "std": [1, 1, 1]})
-    ((s, (pred, prob)),) = task.score_images(lambda x: logits, images, torch.tensor([0]), device=cpu, precision=fp32)
+    ((s, (pred, prob)),) = task.score_batch(logits, torch.tensor([0]))
     assert s == pytest.approx(0.25) and pred == 1 and prob == pytest.approx(0.75)
 
     # segment: counted pixels (truth, pred) = (0,0), (0,1), (1,1); IoU 1/2 for both classes
     seg_logits = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]], [[0.0, 1.0], [1.0, 1.0]]]])
     masks = torch.tensor([[[0, 0], [1, 255]]])
-    ((s, mask),) = SegmentTask().score_images(lambda x: seg_logits, images, masks, device=cpu, precision=fp32)
+    ((s, mask),) = SegmentTask().score_batch(seg_logits, masks)
     assert s == pytest.approx(0.5) and mask.tolist() == [[0, 1], [1, 1]]
 
     # detect: truth a class-0 and a class-1 box; one exact hit, one class-1 box elsewhere -> F1 2/(2+1+1)
@@ -233,11 +229,10 @@ def test_per_image_scores_by_hand():
     dets = [{"boxes": torch.tensor([[0.0, 0, 10, 10], [50, 50, 60, 60]]), "scores": torch.tensor([0.9, 0.8]),
              "labels": torch.tensor([0, 1])},
             {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}]
-    task.detect = lambda model, x, conf_threshold: dets
+    task.decode = lambda raw, conf_threshold: dets
     truth = [{"boxes": torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30]]), "labels": torch.tensor([0, 1])},
              {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}]
-    model = torch.nn.Module()
-    model.num_classes = 2
-    (s1, p1), (s2, p2) = task.score_images(model, images.expand(2, -1, -1, -1), truth, device=cpu, precision=fp32)
+    raw = torch.zeros(2, 3, 3, 5 * 2 + 2)  # YOLO outputs of 2 images: S 3, B 2, C 2 (what decode reads)
+    (s1, p1), (s2, p2) = task.score_batch(raw, truth)
     assert s1 == pytest.approx(0.5) and (p1["tp"], p1["fp"], p1["n_pos"]) == (1, 1, 2)
     assert s2 == 1.0  # nothing there and nothing found

@@ -160,7 +160,7 @@ def test_copy_paste_runs_in_training_only(tiny_scenes):
     from cnnkit.engine.config import TrainConfig
 
     task = SegmentTask()
-    task.build_data(TrainConfig(task="segment", data=str(tiny_scenes), img_size=32, copy_paste=1.0))
+    task.build_data(TrainConfig.for_task("segment", data=str(tiny_scenes), img_size=32, copy_paste=1.0))
     assert task.copy_paste == 1.0
     seen = []
 
@@ -177,7 +177,7 @@ def test_copy_paste_runs_in_training_only(tiny_scenes):
     net.eval()
     task.loss(net, images, masks)
     assert float(seen[-1][0].mean()) == 0.0
-    task.build_data(TrainConfig(task="segment", data=str(tiny_scenes), img_size=32, copy_paste=1.0, augment=False))
+    task.build_data(TrainConfig.for_task("segment", data=str(tiny_scenes), img_size=32, copy_paste=1.0, augment=False))
     assert task.copy_paste == 0.0  # --no-augment turns it off
 
 
