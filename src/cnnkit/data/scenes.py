@@ -33,6 +33,7 @@ from cnnkit.data.formats import DetectionRecord, DetectionSplits, staging_dir
 from cnnkit.data.formats.coco import write_coco_json
 from cnnkit.data.formats.yolo import write_yolo_labels
 from cnnkit.errors import DataError, UsageError
+from cnnkit.utils import usable_cpus
 
 VERSION = "scenes-v1"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -138,8 +139,7 @@ def compose_scene(rng: np.random.Generator, backgrounds: list[np.ndarray], items
 
 
 def _workers() -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores))
+    return max(1, min(8, usable_cpus()))
 
 
 def _check(p: dict) -> None:

@@ -36,6 +36,7 @@ from PIL import Image
 from cnnkit.data.config import exists, expand_user
 from cnnkit.data.images import check_pixel_limit
 from cnnkit.errors import DataError, UsageError
+from cnnkit.utils import usable_cpus
 
 ON_BAD_LABEL = ("error", "skip")
 CLIP_TOLERANCE = 1.0
@@ -194,8 +195,7 @@ def image_sizes(paths: Sequence[str]) -> list[tuple[tuple[int, int] | None, str]
     """`_oriented_size` of many files, read with a small thread pool."""
     if len(paths) < 64:
         return [_oriented_size(p) for p in paths]
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    with ThreadPoolExecutor(max(1, min(8, cores))) as pool:
+    with ThreadPoolExecutor(max(1, min(8, usable_cpus()))) as pool:
         return list(pool.map(_oriented_size, paths))
 
 
