@@ -59,9 +59,9 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from cnnkit.data.classification import VAL_FRACTION, split_rank_key
 from cnnkit.data.config import OUTSIDE_ROOT, exists, expand_user, is_dir, is_file, list_tree, resolve_inside
 from cnnkit.data.images import DEFAULT_CACHE_BYTES, check_pixel_limit, decode_image, decode_many, is_image_file
+from cnnkit.data.splits import VAL_FRACTION, split_rank_key
 from cnnkit.errors import DataError, ShapeError
 from cnnkit.utils import usable_cpus
 
