@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cnnkit.data.config import OUTSIDE_ROOT, exists, is_dir, is_file, resolve_inside
-from cnnkit.data.formats import (CLASS_OUT_OF_RANGE, IMAGE_NOT_FOUND, MISSING_KEY, UNKNOWN_IMAGE_ID,
-                                 UNREADABLE_IMAGE, DetectionRecord, DetectionSplits, Problems, check_box,
-                                 check_splits, image_sizes, place_split_images, staging_dir)
+from cnnkit.data.formats.common import (CLASS_OUT_OF_RANGE, IMAGE_NOT_FOUND, MISSING_KEY, UNKNOWN_IMAGE_ID,
+                                        UNREADABLE_IMAGE, DetectionRecord, DetectionSplits, Problems, check_box,
+                                        check_splits, image_sizes, place_split_images, staging_dir)
 from cnnkit.errors import DataError
 
 JSON_FIX = "correct the entry (COCO: bbox is [x, y, width, height] in pixels)"
