@@ -5,8 +5,9 @@
 
 The registry knows no architecture: each module registers its own builders when it is imported, and
 `cnnkit/models/__init__.py` imports them all, so every built-in name is registered before any lookup
-(importing `cnnkit.models.registry` runs the package's `__init__` first). Below it are only the
-weights loader (`build_model(..., weights=...)`) and what that needs (`backbone_base`).
+(importing `cnnkit.models.registry` runs the package's `__init__` first). Of the model modules it
+imports only `inputs` and the weights loader (for `build_model(..., weights=...)`), which in turn
+imports only `backbone_base`: the architectures import the registry, never the other way round.
 """
 
 from __future__ import annotations
