@@ -463,6 +463,17 @@ def test_scenes_builtin_is_generated_once_and_cached(tmp_path, monkeypatch):
         scenes.generate_scenes(tmp_path / "x", n_train=2.5)
 
 
+def test_scene_settings_shape_each_scene(tmp_path):
+    one = scenes.SceneSettings(min_items=1, max_items=1)
+    root = scenes.generate_scenes(tmp_path / "one", n_train=3, n_val=2, img_size=64, seed=0, settings=one)
+    data = read_yolo(root)
+    assert [len(r.labels) for recs in data.splits.values() for r in recs] == [1] * 5
+    with pytest.raises(UsageError, match="min_items <= max_items"):
+        scenes.generate_scenes(tmp_path / "bad", n_train=2, settings=scenes.SceneSettings(min_items=3, max_items=2))
+    with pytest.raises(UsageError, match="SceneSettings"):
+        scenes.generate_scenes(tmp_path / "bad", n_train=2, settings={"max_items": 1})
+
+
 @pytest.mark.slow
 def test_builtin_scenes_by_name(tmp_path, monkeypatch):
     monkeypatch.setenv("CNNKIT_DATA", str(tmp_path))

@@ -2,7 +2,7 @@
 
 * `fashion-mnist`: Fashion-MNIST's 10,000 test images (Xiao, Rasul & Vollgraf 2017, MIT licence),
   shipped in `cnnkit/assets/fashion-mnist/`, split per class into 8,000 train / 2,000 val (800 / 200
-  per class, see `classification.stratified_split`). Works offline, loads in well under a second.
+  per class, see `splits.stratified_split`). Works offline, loads in well under a second.
 * `fashion-mnist-full`: the 60,000 train + 10,000 test images, found in the first of
   $CNNKIT_DATA/FashionMNIST/raw, ./data/FashionMNIST/raw, ~/.cache/cnnkit/FashionMNIST/raw (the
   layout torchvision's downloader writes) or /usr/share/datasets/fashion-mnist (Debian package
@@ -14,8 +14,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cnnkit.data.classification import ClassificationData, TensorImageDataset, stratified_split
+from cnnkit.data.classification_types import ClassificationData, TensorImageDataset
 from cnnkit.data.idx import find_idx_files, read_idx_pair
+from cnnkit.data.splits import stratified_split
 from cnnkit.errors import DataError
 
 FASHION_MNIST_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from cnnkit.errors import CnnkitError, UsageError
+from cnnkit.utils import usable_cpus
 
 SHOWN = 3  # files named per kind of problem
 
@@ -167,8 +168,7 @@ def check_segmentation(spec, task: str, *, decode: bool = True) -> CheckReport:
 # ---------------------------------------------------------------- decoding many files
 
 def _workers() -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores))
+    return max(1, min(8, usable_cpus()))
 
 
 def _decode_all(paths: Sequence[str]) -> list[tuple[tuple[int, int] | None, str]]:

@@ -25,10 +25,10 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from cnnkit.data.classification import VAL_FRACTION, split_rank_key
 from cnnkit.data.formats import (SIZE_MISMATCH, UNREADABLE_IMAGE, CocoIds, DetectionRecord, DetectionSplits, Problems,
                                  check_on_bad_label, coco_ids, read_any, read_yolo)
 from cnnkit.data.images import BAD_IMAGE_FIX, DEFAULT_CACHE_BYTES, decode_image, decode_many
+from cnnkit.data.splits import VAL_FRACTION, split_rank_key
 from cnnkit.errors import DataError, ShapeError
 
 BUILTIN_DETECTION = ("scenes",)

@@ -21,7 +21,8 @@ from typing import Callable
 import torch
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
-from cnnkit.data.classification import ClassificationData, TensorImageDataset, stratified_split
+from cnnkit.data.classification_types import ClassificationData, TensorImageDataset
+from cnnkit.data.splits import stratified_split
 from cnnkit.errors import DataError
 
 IDX_PATTERN = re.compile(r"^(train|t10k)-(images|labels)[-.]idx([13])-ubyte(\.gz)?$", re.IGNORECASE)

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from cnnkit.data.classification import ClassificationData, ImageFileDataset, stratified_split
+from cnnkit.data.classification_types import ClassificationData, ImageFileDataset
 from cnnkit.data.images import BAD_IMAGE_FIX, DEFAULT_CACHE_BYTES, IMAGE_EXTENSIONS, decode_many, is_image_file
+from cnnkit.data.splits import stratified_split
 from cnnkit.errors import DataError
 
 VAL_FOLDER_NAMES = ("val", "valid", "validation", "test")

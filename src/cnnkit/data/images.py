@@ -28,6 +28,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cnnkit.errors import DataError
+from cnnkit.utils import usable_cpus
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 DEFAULT_CACHE_BYTES = 2 * 1024**3
@@ -160,8 +161,7 @@ def read_image_size(path: str | os.PathLike) -> tuple[int, int]:
 
 
 def _pool_size() -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(16, cores))
+    return max(1, min(16, usable_cpus()))
 
 
 @dataclass

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -33,11 +34,28 @@ from cnnkit.data.formats import DetectionRecord, DetectionSplits, staging_dir
 from cnnkit.data.formats.coco import write_coco_json
 from cnnkit.data.formats.yolo import write_yolo_labels
 from cnnkit.errors import DataError, UsageError
+from cnnkit.utils import usable_cpus
+
+
+@dataclass(frozen=True)
+class SceneSettings:
+    """How each scene is composed (see the module doc): between `min_items` and `max_items` items,
+    each scaled by s ~ U(`min_scale`, `max_scale`), overlapping earlier ones by at most `max_overlap`
+    of the smaller box, its mask the pixels whose alpha exceeds `threshold`."""
+
+    min_items: int = 1
+    max_items: int = 4
+    min_scale: float = 1.0
+    max_scale: float = 4.0
+    max_overlap: float = 0.3
+    threshold: float = 0.1
+
 
 VERSION = "scenes-v1"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-DEFAULTS = {"n_train": 4000, "n_val": 300, "img_size": 160, "seed": 0, "min_items": 1, "max_items": 4,
-            "min_scale": 1.0, "max_scale": 4.0, "max_overlap": 0.3, "threshold": 0.1}
+# every parameter of a scene set, with its default: what `ensure_scenes` takes and its cache key hashes
+DEFAULTS = {"n_train": 4000, "n_val": 300, "img_size": 160, "seed": 0, **asdict(SceneSettings())}
+SETTING_NAMES = tuple(f.name for f in fields(SceneSettings))
 JPEG_QUALITY = 90
 _SPLIT_CODE = {"train": 0, "val": 1}
 
@@ -138,8 +156,7 @@ def compose_scene(rng: np.random.Generator, backgrounds: list[np.ndarray], items
 
 
 def _workers() -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores))
+    return max(1, min(8, usable_cpus()))
 
 
 def _check(p: dict) -> None:
@@ -162,16 +179,18 @@ def _check(p: dict) -> None:
 
 
 def generate_scenes(out_dir: str | os.PathLike, *, n_train: int = 4000, n_val: int = 300, img_size: int = 160,
-                    seed: int = 0, min_items: int = 1, max_items: int = 4, min_scale: float = 1.0,
-                    max_scale: float = 4.0, max_overlap: float = 0.3, threshold: float = 0.1) -> Path:
+                    seed: int = 0, settings: SceneSettings = SceneSettings()) -> Path:
     """Generate the scenes into `out_dir` (new or empty; it appears in one rename) and return it.
 
+    `n_train` and `n_val` scenes of `img_size` x `img_size` pixels, drawn from `seed`, each composed
+    as `settings` says (items per scene, their scale, overlap and mask threshold).
     Layout: data.yaml, images/{train,val}/<split>_<i>.jpg, labels/{train,val}/*.txt (YOLO),
     annotations/instances_{train,val}.json (COCO), masks/{train,val}/*.png (index masks).
     """
-    p = {"n_train": n_train, "n_val": n_val, "img_size": img_size, "seed": seed, "min_items": min_items,
-         "max_items": max_items, "min_scale": min_scale, "max_scale": max_scale, "max_overlap": max_overlap,
-         "threshold": threshold}
+    if not isinstance(settings, SceneSettings):
+        raise UsageError(f"settings must be a SceneSettings, got {type(settings).__name__}",
+                         fix="pass settings=SceneSettings(min_items=..., max_items=..., ...)")
+    p = {"n_train": n_train, "n_val": n_val, "img_size": img_size, "seed": seed, **asdict(settings)}
     _check(p)
     n_train, n_val, img_size = p["n_train"], p["n_val"], p["img_size"]
     backgrounds = _load_backgrounds()
@@ -225,7 +244,9 @@ def ensure_scenes(**params) -> Path:
     if (root / "data.yaml").is_file():
         return root
     try:
-        generate_scenes(root, **{**DEFAULTS, **params})
+        p = {**DEFAULTS, **params}
+        settings = SceneSettings(**{k: p.pop(k) for k in SETTING_NAMES})
+        generate_scenes(root, settings=settings, **p)
     except OSError as exc:
         if (root / "data.yaml").is_file():  # another process finished first
             return root

@@ -59,10 +59,11 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from cnnkit.data.classification import VAL_FRACTION, split_rank_key
 from cnnkit.data.config import OUTSIDE_ROOT, exists, expand_user, is_dir, is_file, list_tree, resolve_inside
 from cnnkit.data.images import DEFAULT_CACHE_BYTES, check_pixel_limit, decode_image, decode_many, is_image_file
+from cnnkit.data.splits import VAL_FRACTION, split_rank_key
 from cnnkit.errors import DataError, ShapeError
+from cnnkit.utils import usable_cpus
 
 BUILTIN_SEGMENTATION = ("scenes-seg",)
 IGNORE_INDEX = 255
@@ -489,8 +490,7 @@ def _split_val(pairs: list[Pair], root: Path | None) -> tuple[list[Pair], list[P
 # ---------------------------------------------------------------- decoding a split
 
 def _workers() -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(16, cores))
+    return max(1, min(16, usable_cpus()))
 
 
 def _mask_dtype(num_classes: int | None, ignore_index: int) -> torch.dtype:

@@ -9,12 +9,12 @@ ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 it is not). On CUDA, auto is bf
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 
 import torch
 
 from cnnkit.errors import UsageError
+from cnnkit.utils import usable_cpus
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -99,8 +99,7 @@ def auto_workers(in_memory: bool, device: torch.device | None = None) -> int:
     data gets workers (augmentation otherwise starves the GPU: benchmarks/speed.py --device cuda)."""
     if in_memory and (device is None or device.type == "cpu"):
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cores - 1))
+    return max(0, min(8, usable_cpus() - 1))
 
 
 _FP32_CLASSES: dict[type, type] = {}

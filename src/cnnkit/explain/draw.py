@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cnnkit.engine.checkpoint import atomic_path
 from cnnkit.explain.panels import Explanation, Panel
+from cnnkit.utils import atomic_path
 
 CELL = 0.42      # inches per grid cell
 GAP = 0.5        # inches between panels

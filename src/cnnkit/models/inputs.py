@@ -1,4 +1,5 @@
-"""Checks shared by the networks: the input batch every forward checks first, and constructor options."""
+"""Checks shared by the networks: the input batch every forward checks first, constructor options, and
+the lookup key of a model or backbone name."""
 
 from __future__ import annotations
 
@@ -36,3 +37,9 @@ def check_width(width) -> float:
     if isinstance(width, bool) or not isinstance(width, (int, float)) or not (math.isfinite(width) and width > 0):
         raise ModelError(f"width must be a positive number, got {width!r}")
     return float(width)
+
+
+def name_key(name: str) -> str:
+    """Lookup key of a model or backbone name: case, '-' and '_' do not matter ("VGG-11", "vgg_11" and
+    "vgg11" are one model)."""
+    return name.strip().lower().replace("-", "").replace("_", "")

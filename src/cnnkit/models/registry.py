@@ -2,6 +2,12 @@
 
 `build_model(name, **kwargs)` builds one; `list_models()` lists them. An unknown name raises a
 `ModelError` that suggests the closest registered names.
+
+The registry knows no architecture: each module registers its own builders when it is imported, and
+`cnnkit/models/__init__.py` imports them all, so every built-in name is registered before any lookup
+(importing `cnnkit.models.registry` runs the package's `__init__` first). Of the model modules it
+imports only `inputs` and the weights loader (for `build_model(..., weights=...)`), which in turn
+imports only `backbone_base`: the architectures import the registry, never the other way round.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from typing import Callable
 import torch.nn as nn
 
 from cnnkit.errors import ModelError
+from cnnkit.models.inputs import name_key
+from cnnkit.models.weights import load_weights
 
 
 @dataclass(frozen=True)
@@ -27,16 +35,11 @@ class ModelEntry:
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
-def _normalise(name: str) -> str:
-    """Lookup key: case, '-' and '_' do not matter ("VGG-11", "vgg_11" and "vgg11" are one model)."""
-    return name.strip().lower().replace("-", "").replace("_", "")
-
-
 def register_model(name: str, *, task: str = "classify", description: str = "", **defaults):
-    """Decorator: register `builder` under `name` (case-insensitive, '-' and '_' alike)."""
+    """Decorator: register `builder` under `name` (case-insensitive, '-' and '_' alike: `name_key`)."""
 
     def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        key = _normalise(name)
+        key = name_key(name)
         if key in _REGISTRY:
             raise RuntimeError(f"model {name!r} registered twice")
         doc = description or "".join((builder.__doc__ or "").strip().splitlines()[0:1])
@@ -46,16 +49,8 @@ def register_model(name: str, *, task: str = "classify", description: str = "", 
     return wrap
 
 
-def _ensure_loaded() -> None:
-    # Importing the package registers every built-in architecture; backbones registers the timm and
-    # torchvision classifiers (it imports neither library until a model is built).
-    import cnnkit.models  # noqa: F401
-    import cnnkit.models.backbones  # noqa: F401
-
-
 def get_entry(name: str) -> ModelEntry:
-    _ensure_loaded()
-    key = _normalise(name)
+    key = name_key(name)
     if key not in _REGISTRY:
         names = {e.name: e for e in _REGISTRY.values()}
         close = difflib.get_close_matches(name.strip().lower(), list(names), n=3, cutoff=0.5)
@@ -83,12 +78,9 @@ def build_model(name: str, *, weights=None, download: bool = False, log=print, *
     model.cnnkit_name = entry.name  # type: ignore[attr-defined]
     model.cnnkit_kwargs = dict(kwargs)  # type: ignore[attr-defined]
     if weights is not None:
-        from cnnkit.models.weights import load_weights
-
         load_weights(model, weights, download=download, log=log)
     return model
 
 
 def list_models(task: str | None = None) -> list[str]:
-    _ensure_loaded()
     return sorted(e.name for e in _REGISTRY.values() if task is None or e.task == task)

@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 
 from cnnkit.errors import WeightsError
-from cnnkit.models.backbones import BACKBONES, Backbone, BackboneSpec, find_backbone, first_conv_name
+from cnnkit.models.backbone_base import BACKBONES, Backbone, BackboneSpec, find_backbone, first_conv_name
 
 IMAGENET = "imagenet"
 FILE_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin", ".ckpt", ".tar")

@@ -27,11 +27,12 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from cnnkit.data.config import OUTSIDE_ROOT, exists, is_dir, is_file, resolve_inside
-from cnnkit.data.formats import (CLASS_OUT_OF_RANGE, IMAGE_NOT_FOUND, MISSING_KEY, UNKNOWN_IMAGE_ID,
-                                 UNREADABLE_IMAGE, DetectionRecord, DetectionSplits, Problems, check_box,
-                                 check_splits, image_sizes, place_split_images, staging_dir)
+from cnnkit.data.formats.common import (CLASS_OUT_OF_RANGE, IMAGE_NOT_FOUND, MISSING_KEY, UNKNOWN_IMAGE_ID,
+                                        UNREADABLE_IMAGE, DetectionRecord, DetectionSplits, Problems, check_box,
+                                        check_splits, image_sizes, place_split_images, staging_dir)
 from cnnkit.errors import DataError
 
 JSON_FIX = "correct the entry (COCO: bbox is [x, y, width, height] in pixels)"
@@ -102,14 +103,20 @@ def _image_dir(root: Path, json_file: Path, split: str, name: str, file_names: l
                     path=str(json_file), fix="put the images in images/<split>/ beside annotations/")
 
 
-def _read_one(file: Path, root: Path, split: str, name: str, problems: Problems, notes: list[str]
-              ) -> tuple[list[int], list[str], list[DetectionRecord]]:
-    data = _load_json(file)
-    cat_ids, cat_names = _categories(data, file)
-    label_of = {cid: k for k, cid in enumerate(cat_ids)}
+class _ImageEntry(NamedTuple):
+    """One usable entry of 'images': its index in the list, id, file name and size (None if not given)."""
 
-    entries = []  # (index, id, file_name, width or None, height or None)
-    seen_ids = set()
+    index: int
+    id: int
+    file_name: str
+    width: int | None
+    height: int | None
+
+
+def _image_entries(data: dict, file: Path, problems: Problems) -> tuple[list[_ImageEntry], set[int]]:
+    """The well-formed entries of 'images', and the ids of every entry with a valid id."""
+    entries: list[_ImageEntry] = []
+    seen_ids: set[int] = set()
     for i, img in enumerate(data["images"]):
         if not isinstance(img, dict):
             problems.report(MISSING_KEY, f"images[{i}] is not an object", file, fix=JSON_FIX)
@@ -132,22 +139,26 @@ def _read_one(file: Path, root: Path, split: str, name: str, problems: Problems,
                 continue
             w, h = img.get("width"), img.get("height")
             sized = _is_int(w) and _is_int(h) and w > 0 and h > 0
-            entries.append((i, img["id"], img["file_name"], w if sized else None, h if sized else None))
+            entries.append(_ImageEntry(i, img["id"], img["file_name"], w if sized else None, h if sized else None))
+    return entries, seen_ids
 
-    folder = _image_dir(root, file, split, name, [e[2] for e in entries]) if entries else root
+
+def _image_records(entries: list[_ImageEntry], root: Path, folder: Path, file: Path,
+                   problems: Problems) -> dict[int, DetectionRecord]:
+    """A box-less record per entry whose image is inside `root` and readable, keyed by image id; the
+    size is read from the image header where the entry gives none."""
     inside = []
     for entry in entries:
-        if resolve_inside(root, folder / entry[2]) is None:
-            problems.report(OUTSIDE_ROOT, f"images[{entry[0]}] (id {entry[1]}): 'file_name' {entry[2]!r} "
+        if resolve_inside(root, folder / entry.file_name) is None:
+            problems.report(OUTSIDE_ROOT, f"images[{entry.index}] (id {entry.id}): 'file_name' {entry.file_name!r} "
                             f"points outside the dataset folder {root}", file,
                             fix="give file_name relative to the images folder, without '..'")
         else:
             inside.append(entry)
-    entries = inside
-    need_size = [str(folder / e[2]) for e in entries if e[3] is None]
+    need_size = [str(folder / e.file_name) for e in inside if e.width is None]
     sizes = iter(image_sizes(need_size))
     records: dict[int, DetectionRecord] = {}
-    for i, image_id, file_name, w, h in entries:
+    for i, image_id, file_name, w, h in inside:
         path = folder / file_name
         if w is None:
             size, reason = next(sizes)
@@ -163,7 +174,26 @@ def _read_one(file: Path, root: Path, split: str, name: str, problems: Problems,
                             fix="add the image or remove its entry")
             continue
         records[image_id] = DetectionRecord(path, w, h, [], [], image_id=image_id)
+    return records
 
+
+def _annotation_error(ann: dict) -> str | None:
+    """What is wrong with the keys of one annotation (image_id, category_id, bbox), or None."""
+    for key in ("image_id", "category_id", "bbox"):
+        if key not in ann:
+            return f"key {key!r} is missing"
+        if key == "bbox" and not (isinstance(ann[key], list) and len(ann[key]) == 4
+                                  and all(_is_num(v) for v in ann[key])):
+            return f"key 'bbox' is {ann[key]!r}, expected [x, y, width, height]"
+        if key != "bbox" and not _is_int(ann[key]):
+            return f"key {key!r} is {ann[key]!r}, expected an integer"
+    return None
+
+
+def _annotations(data: dict, file: Path, records: dict[int, DetectionRecord], seen_ids: set[int],
+                 label_of: dict[int, int], problems: Problems) -> tuple[dict[int, list], dict[int, list], int]:
+    """The boxes (XYXY) and labels of the good annotations, per image id of `records`, and the number of
+    crowd annotations (iscrowd=1), which are left out."""
     boxes: dict[int, list] = {k: [] for k in records}
     labels: dict[int, list] = {k: [] for k in records}
     crowd = 0
@@ -172,17 +202,7 @@ def _read_one(file: Path, root: Path, split: str, name: str, problems: Problems,
             problems.report(MISSING_KEY, f"annotations[{i}] is not an object", file, fix=JSON_FIX)
             continue
         where = f"annotations[{i}]" + (f" (id {ann['id']})" if "id" in ann else "")
-        bad = None
-        for key in ("image_id", "category_id", "bbox"):
-            if key not in ann:
-                bad = f"key {key!r} is missing"
-            elif key == "bbox" and not (isinstance(ann[key], list) and len(ann[key]) == 4
-                                        and all(_is_num(v) for v in ann[key])):
-                bad = f"key 'bbox' is {ann[key]!r}, expected [x, y, width, height]"
-            elif key != "bbox" and not _is_int(ann[key]):
-                bad = f"key {key!r} is {ann[key]!r}, expected an integer"
-            if bad:
-                break
+        bad = _annotation_error(ann)
         if bad:
             problems.report(MISSING_KEY, f"{where}: {bad}", file, fix=JSON_FIX)
             continue
@@ -208,6 +228,19 @@ def _read_one(file: Path, root: Path, split: str, name: str, problems: Problems,
             continue
         boxes[image_id].append(box)
         labels[image_id].append(label_of[ann["category_id"]])
+    return boxes, labels, crowd
+
+
+def _read_one(file: Path, root: Path, split: str, name: str, problems: Problems, notes: list[str]
+              ) -> tuple[list[int], list[str], list[DetectionRecord]]:
+    """Category ids and names, and the records, of one COCO JSON file."""
+    data = _load_json(file)
+    cat_ids, cat_names = _categories(data, file)
+    label_of = {cid: k for k, cid in enumerate(cat_ids)}
+    entries, seen_ids = _image_entries(data, file, problems)
+    folder = _image_dir(root, file, split, name, [e.file_name for e in entries]) if entries else root
+    records = _image_records(entries, root, folder, file, problems)
+    boxes, labels, crowd = _annotations(data, file, records, seen_ids, label_of, problems)
     if crowd:
         notes.append(f"{file.name}: {crowd} crowd annotations (iscrowd=1) left out")
     out = []

@@ -23,9 +23,9 @@ from pathlib import Path
 from xml.parsers import expat
 
 from cnnkit.data.config import OUTSIDE_ROOT, is_file, resolve_inside
-from cnnkit.data.formats import (IMAGE_NOT_FOUND, LABEL_WITHOUT_IMAGE, MALFORMED_XML, MISSING_KEY,
-                                 UNKNOWN_CLASS, UNREADABLE_IMAGE, DetectionRecord, DetectionSplits, Problems,
-                                 check_box, check_splits, image_sizes, place_image, staging_dir, unique_names)
+from cnnkit.data.formats.common import (IMAGE_NOT_FOUND, LABEL_WITHOUT_IMAGE, MALFORMED_XML, MISSING_KEY,
+                                        UNKNOWN_CLASS, UNREADABLE_IMAGE, DetectionRecord, DetectionSplits, Problems,
+                                        check_box, check_splits, image_sizes, place_image, staging_dir, unique_names)
 from cnnkit.data.images import IMAGE_EXTENSIONS
 from cnnkit.errors import DataError
 

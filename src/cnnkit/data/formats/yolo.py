@@ -26,10 +26,10 @@ from pathlib import Path
 import yaml
 
 from cnnkit.data import config
-from cnnkit.data.formats import (BOX_EMPTY, CLASS_OUT_OF_RANGE, IMAGE_NOT_FOUND, LABEL_WITHOUT_IMAGE,
-                                 MALFORMED_FILE, MALFORMED_LINE, UNREADABLE_IMAGE, DetectionRecord,
-                                 DetectionSplits, Problems, check_box, check_splits, image_sizes,
-                                 place_split_images, staging_dir)
+from cnnkit.data.formats.common import (BOX_EMPTY, CLASS_OUT_OF_RANGE, IMAGE_NOT_FOUND, LABEL_WITHOUT_IMAGE,
+                                        MALFORMED_FILE, MALFORMED_LINE, UNREADABLE_IMAGE, DetectionRecord,
+                                        DetectionSplits, Problems, check_box, check_splits, image_sizes,
+                                        place_split_images, staging_dir)
 from cnnkit.data.images import is_image_file
 from cnnkit.errors import DataError
 
