@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cnnkit.engine.checkpoint import atomic_path  # noqa: E402
+from cnnkit.utils import atomic_path  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:
