@@ -59,6 +59,16 @@ ROWS = [
     (["train", "detect", "--data", "scenez"], "scenes"),
     (["train", "segment", "--data", "/no/such/seg"], "/no/such/seg"),
     (T + ["--device", "tpu"], "tpu"),
+    # train: a model or a flag of another task (issue #17): one line naming what the task takes
+    (["train", "segment", "--model", "yolov1"], "the segment task trains: deconvnet, fcn16s, fcn32s, fcn8s, unet"),
+    (["train", "classify", "--model", "unet"], "unet is a segment model"),
+    (["train", "detect", "--model", "vgg11"], "the detect task trains: yolo, yolov1"),
+    (["train", "detect", "--label-smoothing", "0.1"], "--label-smoothing is an option of the classify task"),
+    (["train", "segment", "--on-bad-label", "skip"], "--on-bad-label is an option of the detect task"),
+    (T + ["--dice-weight", "1"], "--dice-weight is an option of the segment task"),
+    (["train", "detect", "--copy-paste", "0.5"], "the detect task's own options: --on-bad-label"),
+    (["train", "segment", "--train-subset", "10"], "--train-subset is an option of the classify task"),
+    (["predict", "--weights", "x.pt", "--bogus-flag", "a.png"], "--bogus-flag"),
     # val / predict / info / data / weights / demo
     (["val"], "--weights"),
     (["val", "--weights", "/no/such.pt"], "/no/such.pt"),
@@ -122,3 +132,15 @@ def test_a_multi_line_library_message_still_prints_one_line(capsys, tmp_path):
     code = main(["data", "convert", str(tmp_path / "d.yaml"), str(tmp_path / "out"), "--to", "coco"])
     out, err = capsys.readouterr()
     assert code == 2 and len(err.strip().splitlines()) == 1 and "d.yaml" in err, err
+
+
+@pytest.mark.parametrize("task, model", [("segment", "yolov1"), ("classify", "unet"), ("detect", "vgg11")])
+def test_a_model_of_another_task_is_refused_before_any_data_is_read(task, model, monkeypatch, capsys):
+    from cnnkit.taskapi import task_class
+
+    def no_data(self, cfg):
+        raise AssertionError("data was read")
+
+    monkeypatch.setattr(task_class(task), "build_data", no_data)
+    assert main(["train", task, "--model", model]) == 2
+    assert "data was read" not in capsys.readouterr().err

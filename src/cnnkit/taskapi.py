@@ -239,11 +239,10 @@ class Task:
         raise NotImplementedError
 
     # -- prediction of files: the engine's predictor calls these (cnnkit.engine.predictor) -------
-    def predict_inputs(self, trained, paths) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Decode files -> (the decoded originals, the uint8 batch [N,C,H,W] the model takes)."""
-        from cnnkit.data.images import square_batch
-
-        return square_batch(paths, trained.img_size, int(trained.ckpt.get("preprocess", {}).get("channels", 3)))
+    def predict_inputs(self, trained, paths) -> tuple[list[torch.Tensor], torch.Tensor] | None:
+        """Decode files -> (the decoded originals, the uint8 batch [N,C,H,W] the model takes); None (the
+        default) = the engine's way: each file decoded and resized to the model's square input."""
+        return None
 
     def predict_step(self, trained, outputs: Any, options: dict[str, Any]) -> list:
         """A batch's model outputs -> one prediction per image."""

@@ -32,6 +32,7 @@ def predict_files(trained, sources, *, out_dir, batch_size: int = 16, options: d
                   log=print) -> list[dict]:
     """Predict every image of `sources` (files or folders, recursively) into out_dir; one row per image
     (a dict with at least "path" and "summary")."""
+    from cnnkit.data.images import square_batch
     from cnnkit.data.sources import collect_image_paths
 
     task, run = trained.task, trained.run
@@ -41,7 +42,10 @@ def predict_files(trained, sources, *, out_dir, batch_size: int = 16, options: d
     rows = []
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
-        originals, batch = task.predict_inputs(trained, chunk)
+        inputs = task.predict_inputs(trained, chunk)
+        if inputs is None:  # the default: decoded, in the model's channels, resized to its square input
+            inputs = square_batch(chunk, trained.img_size, int(trained.ckpt.get("preprocess", {}).get("channels", 3)))
+        originals, batch = inputs
         outputs = outputs_of(trained.model, run.inputs(batch, task), run)
         for path, original, prediction in zip(chunk, originals, task.predict_step(trained, outputs, opts)):
             rows.append(writer.add(path, original, prediction))
