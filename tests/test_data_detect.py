@@ -479,3 +479,39 @@ def test_builtin_scenes_by_name(tmp_path, monkeypatch):
     monkeypatch.setenv("CNNKIT_DATA", str(tmp_path))
     data = load_detection_data("scenes")
     assert (len(data.train), len(data.val)) == (4000, 300) and data.train[0][0].shape == (3, 160, 160)
+
+
+def test_every_module_of_the_formats_package_registers_its_format():
+    """`cnnkit.data.formats` imports each module of its package, and each registers itself: a new format is
+    one new file there."""
+    import pkgutil
+
+    import cnnkit.data.formats as formats
+
+    modules = {m.name for m in pkgutil.iter_modules(formats.__path__)} - {"common"}
+    registered = {fmt.read.__module__.rsplit(".", 1)[-1] for fmt in formats.FORMATS.values()}
+    assert modules == registered == {"coco", "voc", "yolo"}
+
+
+def test_a_registered_format_is_detected_read_and_written_by_name(tmp_path, monkeypatch, capsys):
+    from cnnkit.cli import main
+    from cnnkit.data.formats import FORMATS
+    from cnnkit.data.formats.common import DetectionFormat, register_format
+
+    seen = []
+
+    def read_boxes(src, *, on_bad_label="error"):  # a format of its own: here, YOLO files named *.boxes
+        seen.append(src)
+        return read_yolo(Path(src).parent, on_bad_label=on_bad_label)
+
+    monkeypatch.setitem(FORMATS, "boxes", DetectionFormat("boxes", read_boxes, write_yolo, file_suffixes=(".boxes",)))
+    with pytest.raises(ValueError, match="already registered"):
+        register_format(DetectionFormat("boxes", read_yolo, write_yolo))
+    src = tmp_path / "src"
+    write_yolo(random_splits(tmp_path / "raw"), src)
+    marker = src / "data.boxes"
+    marker.write_text("")
+    assert detect_format(marker) == "boxes"
+    assert read_any(marker).describe() == read_any(src).describe() and seen == [marker]
+    assert main(["data", "convert", str(src), str(tmp_path / "out"), "--to", "boxes"]) == 0
+    assert (tmp_path / "out" / "data.yaml").is_file()

@@ -493,6 +493,8 @@ def _add_export(sub) -> None:
 
 
 def _add_data(sub) -> None:
+    from cnnkit.data.formats import FORMATS
+
     s = sub.add_parser("data", help="dataset tools: convert between formats, generate the scene data",
                        formatter_class=_fmt())
     dsub = s.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
@@ -500,7 +502,7 @@ def _add_data(sub) -> None:
                         formatter_class=_fmt())
     d.add_argument("src", help="a dataset folder or data YAML (format detected)")
     d.add_argument("dst", help="output folder (must not exist or be empty)")
-    d.add_argument("--to", required=True, choices=("yolo", "coco", "voc"), help="output format")
+    d.add_argument("--to", required=True, choices=list(FORMATS), help="output format")
     d.add_argument("--on-bad-label", choices=("error", "skip"), default="error", help="what a malformed label does")
     d.set_defaults(func=cmd_data_convert)
     d = dsub.add_parser("check", help="check a dataset before training: counts per split and class, every problem "

@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import os
 
-from cnnkit.data.formats import WRITERS, read_any, summarize_problems
+from cnnkit.data.formats import FORMATS, read_any, summarize_problems
 from cnnkit.errors import UsageError
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, on_bad_label: str = "error",
             link: bool = True) -> str:
     """Convert `src` (format detected) into `dst` (new or empty folder) as `to`; returns a summary."""
-    if to not in WRITERS:
-        raise UsageError(f"unknown output format {to!r}", fix=f"use one of {', '.join(WRITERS)}")
+    if to not in FORMATS:
+        raise UsageError(f"unknown output format {to!r}", fix=f"use one of {', '.join(FORMATS)}")
     data = read_any(src, on_bad_label=on_bad_label)
-    WRITERS[to](data, dst, link=link)
+    FORMATS[to].write(data, dst, link=link)
     lines = [f"{data.format} -> {to}: {data.describe()}; written to {dst}"]
     lines += data.notes
     if data.problems:

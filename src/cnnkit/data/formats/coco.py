@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from cnnkit.data.config import OUTSIDE_ROOT, exists, is_dir, is_file, resolve_inside
-from cnnkit.data.formats.common import (CLASS_OUT_OF_RANGE, IMAGE_NOT_FOUND, MISSING_KEY, UNKNOWN_IMAGE_ID,
+from cnnkit.data.formats.common import (DetectionFormat, register_format, CLASS_OUT_OF_RANGE, IMAGE_NOT_FOUND, MISSING_KEY, UNKNOWN_IMAGE_ID,
                                         UNREADABLE_IMAGE, DetectionRecord, DetectionSplits, Problems, check_box,
                                         check_splits, image_sizes, place_split_images, staging_dir)
 from cnnkit.errors import DataError
@@ -365,3 +365,12 @@ def write_coco(splits: DetectionSplits, dst: str | os.PathLike, *, link: bool = 
         file_names = place_split_images(tmp, splits, link)
         write_coco_json(tmp, splits, file_names)
     return dst
+
+
+def _is_coco_folder(path: Path) -> bool:
+    return bool(list((path / "annotations").glob("*.json")) + list(path.glob("*.json")))
+
+
+register_format(DetectionFormat("coco", read_coco, write_coco, file_suffixes=(".json",),
+                                is_dataset_folder=_is_coco_folder, priority=30,
+                                looked_for="no annotations/*.json (COCO)"))

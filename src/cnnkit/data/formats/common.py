@@ -16,7 +16,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from PIL import Image
@@ -285,3 +285,30 @@ def check_splits(splits: DetectionSplits) -> None:
             if rec.labels.numel() and (int(rec.labels.min()) < 0 or int(rec.labels.max()) >= n):
                 raise DataError(f"a label in split {split!r} is outside 0..{n - 1}", path=str(rec.image_path),
                                 fix="give every class a name")
+
+
+# ---------------------------------------------------------------- the format registry
+
+@dataclass(frozen=True)
+class DetectionFormat:
+    """A detection annotation format as `read_any`, `detect_format` and `cnnkit data convert --to` use it.
+    A format module registers one (`register_format`) at import; `cnnkit.data.formats` imports every
+    module of its package, so a new format is one new file there."""
+
+    name: str
+    read: Callable[..., DetectionSplits]  # read(src, *, on_bad_label) -> DetectionSplits
+    write: Callable[..., Path]  # write(splits, dst, *, link) -> the folder written
+    file_suffixes: tuple[str, ...] = ()  # a file with one of these suffixes is a dataset of this format
+    is_dataset_folder: Callable[[Path], bool] | None = None  # does this folder hold one?
+    priority: int = 50  # folders are tried in ascending priority (the most specific layout first)
+    looked_for: str = ""  # what `is_dataset_folder` looks for, said when nothing matches
+
+
+FORMATS: dict[str, DetectionFormat] = {}
+
+
+def register_format(fmt: DetectionFormat) -> DetectionFormat:
+    if fmt.name in FORMATS and FORMATS[fmt.name] != fmt:
+        raise ValueError(f"detection format {fmt.name!r} is already registered")
+    FORMATS[fmt.name] = fmt
+    return fmt

@@ -23,7 +23,7 @@ from pathlib import Path
 from xml.parsers import expat
 
 from cnnkit.data.config import OUTSIDE_ROOT, is_file, resolve_inside
-from cnnkit.data.formats.common import (IMAGE_NOT_FOUND, LABEL_WITHOUT_IMAGE, MALFORMED_XML, MISSING_KEY,
+from cnnkit.data.formats.common import (DetectionFormat, register_format, IMAGE_NOT_FOUND, LABEL_WITHOUT_IMAGE, MALFORMED_XML, MISSING_KEY,
                                         UNKNOWN_CLASS, UNREADABLE_IMAGE, DetectionRecord, DetectionSplits, Problems,
                                         check_box, check_splits, image_sizes, place_image, staging_dir, unique_names)
 from cnnkit.data.images import IMAGE_EXTENSIONS
@@ -327,3 +327,11 @@ def write_voc(splits: DetectionSplits, dst: str | os.PathLike, *, link: bool = T
             (tmp / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{s}\n" for s in stems), encoding="utf-8")
         (tmp / "labels.txt").write_text("".join(f"{n}\n" for n in splits.names), encoding="utf-8")
     return dst
+
+
+def _is_voc_folder(path: Path) -> bool:
+    return (path / "Annotations").is_dir() and ((path / "JPEGImages").is_dir() or (path / "ImageSets").is_dir())
+
+
+register_format(DetectionFormat("voc", read_voc, write_voc, is_dataset_folder=_is_voc_folder, priority=10,
+                                looked_for="no Annotations/ + JPEGImages/ (Pascal VOC)"))

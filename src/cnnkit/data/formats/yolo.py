@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from cnnkit.data import config
-from cnnkit.data.formats.common import (BOX_EMPTY, CLASS_OUT_OF_RANGE, IMAGE_NOT_FOUND, LABEL_WITHOUT_IMAGE,
+from cnnkit.data.formats.common import (DetectionFormat, register_format, BOX_EMPTY, CLASS_OUT_OF_RANGE, IMAGE_NOT_FOUND, LABEL_WITHOUT_IMAGE,
                                         MALFORMED_FILE, MALFORMED_LINE, UNREADABLE_IMAGE, DetectionRecord,
                                         DetectionSplits, Problems, check_box, check_splits, image_sizes,
                                         place_split_images, staging_dir)
@@ -381,3 +381,12 @@ def write_yolo(splits: DetectionSplits, dst: str | os.PathLike, *, link: bool = 
         file_names = place_split_images(tmp, splits, link)
         write_yolo_labels(tmp, splits, file_names)
     return dst
+
+
+def _is_yolo_folder(path: Path) -> bool:
+    return bool(list(path.glob("*.yaml")) + list(path.glob("*.yml"))) or (path / "labels").is_dir()
+
+
+register_format(DetectionFormat("yolo", read_yolo, write_yolo, file_suffixes=(".yaml", ".yml"),
+                                is_dataset_folder=_is_yolo_folder, priority=20,
+                                looked_for="no data YAML or labels/ (YOLO)"))
