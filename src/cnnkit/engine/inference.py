@@ -47,7 +47,7 @@ def load_trained(weights: str | Path, *, device: str = "auto", precision: str = 
     shape = (min(batch_size, 32), int(pre.get("channels", 3)), size, size)  # batch 32 at most: a short probe
     model, run = _place(model, task, ProbeRequest(resolve_device(device), precision, channels_last,
                                                   "", shape, kind="infer"), log)
-    return Trained(task, model, ckpt, list(ckpt["names"]), run.device, run.precision, run.channels_last)
+    return Trained(task, model, ckpt, list(ckpt["names"]), run)
 
 
 def _place(model: torch.nn.Module, task, request: ProbeRequest, log) -> tuple[torch.nn.Module, RunSettings]:
@@ -94,7 +94,7 @@ def load_pretrained(model: str, weights: str, *, download: bool = False, device:
     net, run = _place(net, task, ProbeRequest(resolve_device(device), precision, "auto", "", shape, kind="infer"), log)
     ckpt = {"task": task.name, "model": {"name": net.cnnkit_name, "kwargs": dict(net.cnnkit_kwargs)},
             "names": names, "preprocess": pre}
-    return Trained(task, net, ckpt, names, run.device, run.precision, run.channels_last)
+    return Trained(task, net, ckpt, names, run)
 
 
 def validate(weights: str | Path, *, data: str | None = None, out_dir: str | Path | None = None,

@@ -68,10 +68,6 @@ class TrainingInterrupted(Exception):
                          f"continue with: cnnkit train {task} --resume {checkpoint}")
 
 
-def to_device(images: torch.Tensor, task, device: torch.device, channels_last: bool) -> torch.Tensor:
-    return RunSettings(device, Precision("fp32", None, device.type), channels_last).inputs(images, task)
-
-
 @dataclass
 class Optimisation:
     """What changes the weights in a training step."""

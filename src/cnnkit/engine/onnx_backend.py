@@ -96,7 +96,7 @@ class OnnxModel:
 
 def load_onnx(path: str | Path, *, device: str = "auto"):
     """A `Trained` for an exported .onnx file (metadata from the file; fp32 on the CPU, or CUDA)."""
-    from cnnkit.engine.device import resolve_precision
+    from cnnkit.engine.device import RunSettings, resolve_precision
     from cnnkit.engine.trained import Trained
 
     if not Path(path).is_file():
@@ -110,4 +110,4 @@ def load_onnx(path: str | Path, *, device: str = "auto"):
             "preprocess": dict(meta["preprocess"]), "onnx": meta}
     # Tensors go in and come out on the CPU (onnxruntime copies to its device itself); fp32 throughout.
     cpu = torch.device("cpu")
-    return Trained(task, model, ckpt, list(meta["names"]), cpu, resolve_precision("fp32", cpu), False)
+    return Trained(task, model, ckpt, list(meta["names"]), RunSettings(cpu, resolve_precision("fp32", cpu)))
