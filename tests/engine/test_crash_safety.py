@@ -28,7 +28,7 @@ from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.loop import TrainingInterrupted
 from cnnkit.engine.trainer import fit
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EPOCHS = 8
 KILLS = 4
 

@@ -32,10 +32,10 @@ from cnnkit.engine import distributed as dist
 from cnnkit.engine.config import TrainConfig
 from cnnkit.errors import UsageError
 
-from conftest import CLASSES, _draw
+from tests.conftest import CLASSES, _draw
 
 WORLD = 2
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
