@@ -1,5 +1,6 @@
-"""Shared fixtures: a small real ImageFolder dataset of drawn shapes; a random seed that is printed and
-replayed (`CNNKIT_TEST_SEED=N`); a private cache folder for the layout/precision probe."""
+"""Shared fixtures: a small real ImageFolder dataset of drawn shapes; a small generated scenes dataset
+(boxes and masks); a random seed that is printed and replayed (`CNNKIT_TEST_SEED=N`); a private cache
+folder for the layout/precision probe."""
 
 from __future__ import annotations
 
@@ -75,6 +76,20 @@ def shapes_dir(tmp_path_factory):
             for i in range(n):
                 Image.fromarray(_draw(c, rng)).save(root / split / c / f"{i}.png")
     return root
+
+
+TINY_SCENES = {"n_train": 16, "n_val": 6, "img_size": 96, "seed": 1}
+
+
+@pytest.fixture(scope="module")
+def tiny_scenes(request, tmp_path_factory):
+    """A generated scenes dataset (`cnnkit data scenes`: YOLO labels, masks, a data YAML), one per test
+    module; a module that needs another size sets its own `TINY_SCENES = {...}` (arguments of
+    `generate_scenes`) in place of the default above."""
+    from cnnkit.data.scenes import generate_scenes
+
+    kwargs = getattr(request.module, "TINY_SCENES", TINY_SCENES)
+    return generate_scenes(tmp_path_factory.mktemp("scenes") / "s", **kwargs)
 
 
 @pytest.fixture

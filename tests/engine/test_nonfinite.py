@@ -26,9 +26,7 @@ from cnnkit.engine.trainer import fit
 STEPS = 4  # 64 training images / batch 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    """Every test here on one intra-op thread (conftest.one_thread)."""
+pytestmark = pytest.mark.usefixtures("one_thread")  # one intra-op thread (conftest.one_thread)
 
 
 def _cfg(shapes_dir, tmp_path, **kw) -> TrainConfig:

@@ -19,7 +19,7 @@ from cnnkit.engine import probe
 from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.probe import ProbeRequest, Choice, _pick, choose
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
 
 

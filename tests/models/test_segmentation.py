@@ -241,14 +241,6 @@ def test_unet_output_stride_stops_the_decoder_and_upsamples_the_scores():
         build_model("unet", backbone="alexnet", num_classes=3, width=0.125, output_stride=2)
 
 
-@pytest.fixture
-def offline_caches(tmp_path, monkeypatch):
-    """Empty torchvision and Hugging Face caches: only the packaged Lite0 weights are available."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
 def test_unet_loads_imagenet_weights_into_its_backbone_offline(offline_caches):
     torch.manual_seed(0)
     plain = build_model("unet", backbone="efficientnet_lite0", num_classes=5, width=0.25)

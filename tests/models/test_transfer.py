@@ -26,12 +26,7 @@ CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 ESPRESSO = 967
 
 
-@pytest.fixture(autouse=True)
-def offline_caches(tmp_path, monkeypatch):
-    """Empty torchvision and Hugging Face caches: nothing is found there unless a test puts it."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("offline_caches")  # every test here (tests/models/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from cnnkit.engine.optim import lr_factor
 from cnnkit.engine.trainer import fit, new_run_dir
 from cnnkit.errors import WeightsError
 
-from conftest import CLASSES
+from tests.conftest import CLASSES
 
 
 def _cfg(shapes_dir, tmp_path, **kw) -> TrainConfig:

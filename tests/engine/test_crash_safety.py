@@ -28,7 +28,7 @@ from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.loop import TrainingInterrupted
 from cnnkit.engine.trainer import fit
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EPOCHS = 8
 KILLS = 4
 
@@ -108,9 +108,7 @@ def _rows(run: Path) -> list[dict]:
         return [{k: v for k, v in r.items() if k not in ("images_per_s", "epoch_time_s")} for r in csv.DictReader(f)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    """Every test here on one intra-op thread (conftest.one_thread)."""
+pytestmark = pytest.mark.usefixtures("one_thread")  # one intra-op thread (conftest.one_thread)
 
 
 def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(shapes_dir, tmp_path, random_seed):

@@ -27,14 +27,12 @@ from cnnkit.engine.loop import TrainingInterrupted
 from cnnkit.engine.optim import Schedule, build_scheduler
 from cnnkit.errors import UsageError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STEP_S, EVAL_S = 1.0, 2.0
 ITERS = 4  # 64 training images of shapes_dir / batch 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    """One intra-op thread (conftest.one_thread)."""
+pytestmark = pytest.mark.usefixtures("one_thread")  # one intra-op thread (conftest.one_thread)
 
 
 class VirtualClock:

@@ -32,10 +32,10 @@ from cnnkit.engine import distributed as dist
 from cnnkit.engine.config import TrainConfig
 from cnnkit.errors import UsageError
 
-from conftest import CLASSES, _draw
+from tests.conftest import CLASSES, _draw
 
 WORLD = 2
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -314,11 +314,7 @@ def test_without_torchrun_nothing_is_distributed(monkeypatch):
 
 # -- the real command line: torchrun --nproc_per_node=2 -m cnnkit train <task> ------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_scenes(tmp_path_factory):
-    from cnnkit.data.scenes import generate_scenes
-
-    return generate_scenes(tmp_path_factory.mktemp("scenes") / "s", n_train=16, n_val=5, img_size=64, seed=1)
+TINY_SCENES = {"n_train": 16, "n_val": 5, "img_size": 64, "seed": 1}  # the tiny_scenes fixture (conftest)
 
 
 def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

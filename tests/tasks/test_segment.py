@@ -11,14 +11,11 @@ import torch
 from PIL import Image
 
 from cnnkit.cli import main
-from cnnkit.data.scenes import generate_scenes
 from cnnkit.errors import UsageError
 from cnnkit.tasks.segment import SegmentTask, median_frequency_weights, parse_class_weights
 
 
-@pytest.fixture(scope="module")
-def tiny_scenes(tmp_path_factory):
-    return generate_scenes(tmp_path_factory.mktemp("scenes") / "s", n_train=12, n_val=4, img_size=64, seed=2)
+TINY_SCENES = {"n_train": 12, "n_val": 4, "img_size": 64, "seed": 2}  # the tiny_scenes fixture (conftest)
 
 
 def test_loss_ignores_255_and_matches_hand_computed_cross_entropy():

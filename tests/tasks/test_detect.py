@@ -4,15 +4,7 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from cnnkit.cli import main
-from cnnkit.data.scenes import generate_scenes
-
-
-@pytest.fixture(scope="module")
-def tiny_scenes(tmp_path_factory):
-    return generate_scenes(tmp_path_factory.mktemp("scenes") / "s", n_train=16, n_val=6, img_size=96, seed=1)
 
 
 def test_train_val_predict_detect(tiny_scenes, tmp_path, capsys):

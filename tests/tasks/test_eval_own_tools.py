@@ -400,7 +400,7 @@ def test_mask_png_is_16_bit_above_255_classes(tmp_path):
 
 # ---------------------------------------------------------------- the README's paragraph, as written
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def readme_section() -> tuple[list[str], str]:

@@ -25,7 +25,7 @@ from cnnkit.errors import CnnkitError, WeightsError
 from cnnkit.models import build_model
 from cnnkit.models.weights import load_weights, read_weights_file
 
-SRC = Path(__file__).resolve().parent.parent / "src" / "cnnkit"
+SRC = Path(__file__).resolve().parents[2] / "src" / "cnnkit"
 
 
 class Payload:
