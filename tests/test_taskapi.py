@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 import cnnkit
 from cnnkit.cli import main
-from cnnkit.data.scenes import generate_scenes
 from cnnkit.taskapi import (COUNT, EvalState, PredictionWriter, Task, TaskData, TaskOptions, get_task, option,
                             register_task, task_names, unregister_task)
 
@@ -132,15 +131,10 @@ def count_task():
     unregister_task(CountTask.name)
 
 
-@pytest.fixture(scope="module")
-def count_scenes(tmp_path_factory):
-    return generate_scenes(tmp_path_factory.mktemp("count") / "s", n_train=16, n_val=6, img_size=64, seed=3)
-
-
 # ------------------------------------------------------------------------------------------ tests
-def test_a_fourth_task_trains_validates_predicts_and_reports_through_the_cli(count_task, count_scenes, tmp_path,
+def test_a_fourth_task_trains_validates_predicts_and_reports_through_the_cli(count_task, tiny_scenes, tmp_path,
                                                                              capsys):
-    data = str(next(count_scenes.glob("*.yaml")))
+    data = str(next(tiny_scenes.glob("*.yaml")))
     assert "count_items" in task_names()
     code = main(["train", "count_items", "--data", data, "--max-count", "8", "--count-loss", "l1",
                  "--project", str(tmp_path / "runs"), "--name", "c", "--no-progress"])
@@ -155,7 +149,7 @@ def test_a_fourth_task_trains_validates_predicts_and_reports_through_the_cli(cou
     assert re.search(r"mae\s+\d", capsys.readouterr().out)
 
     pred = tmp_path / "pred"
-    assert main(["predict", str(count_scenes / "images" / "val"), "--weights", str(run / "weights" / "best.pt"),
+    assert main(["predict", str(tiny_scenes / "images" / "val"), "--weights", str(run / "weights" / "best.pt"),
                  "--out", str(pred)]) == 0
     rows = list(csv.DictReader(open(pred / "counts.csv")))
     assert len(rows) == 6 and all(float(r["count"]) == float(r["count"]) for r in rows)
@@ -226,3 +220,36 @@ def test_a_registered_model_is_trained_by_its_task_only(capsys):
             check_model_for_task("detect", "tiny_test_net")
     finally:
         _REGISTRY.pop(name_key("tiny_test_net"))
+
+
+def test_a_task_of_ones_own_module_is_loaded_by_name_from_cnnkit_tasks(tmp_path):
+    """`CNNKIT_TASKS=module` imports the module when the registry is first read: a new command appears."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "CNNKIT_TASKS": "tests.plugin_task", "PYTHONPATH": str(root)}
+    out = subprocess.run([sys.executable, "-m", "cnnkit", "train", "count_items", "--help"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--max-count" in out.stdout and "--count-loss" in out.stdout
+    env["CNNKIT_TASKS"] = "no_such_module_here"
+    bad = subprocess.run([sys.executable, "-m", "cnnkit", "models"], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "CNNKIT_TASKS" in bad.stderr
+
+
+def test_every_module_of_the_packages_is_imported():
+    """cnnkit.tasks and cnnkit.models import every module they hold (that is what registers a new file),
+    checked in a fresh interpreter that imports nothing else."""
+    import subprocess
+    import sys
+
+    code = ("import pkgutil, sys, cnnkit.tasks, cnnkit.models\n"
+            "for p in (cnnkit.tasks, cnnkit.models):\n"
+            "    names = {f'{p.__name__}.{m.name}' for m in pkgutil.iter_modules(p.__path__)}\n"
+            "    missing = sorted(names - set(sys.modules))\n"
+            "    assert names and not missing, missing\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr

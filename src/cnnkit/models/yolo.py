@@ -52,7 +52,7 @@ with their own size: the predictions are relative to the cell and the image).
 `batch_norm=True` (not in the paper; YOLOv2 added it) puts BatchNorm after every convolution of the
 FC models, which lets thin `width` variants train from scratch at higher learning rates. With only a
 handful of images per batch its eval-mode statistics lag the batch statistics; the overfit test in
-tests/test_yolo.py therefore uses the paper's network without it.
+tests/tasks/test_yolo.py therefore uses the paper's network without it.
 """
 
 from __future__ import annotations

@@ -2,6 +2,10 @@
 `TASK_DEFAULTS[task]` = {"model", "model_kwargs", "config"}; `TrainConfig.for_task(task, **changes)` builds
 the config. The figures behind each choice are in BENCHMARKS.md."""
 
-from cnnkit.taskapi import task_class, task_names
 
-TASK_DEFAULTS = {name: task_class(name).defaults for name in task_names()}
+def __getattr__(name: str):
+    if name == "TASK_DEFAULTS":  # read from the registry when asked for (every task registered by then)
+        from cnnkit.taskapi import task_class, task_names
+
+        return {t: task_class(t).defaults for t in task_names()}
+    raise AttributeError(name)
