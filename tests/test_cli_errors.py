@@ -68,6 +68,8 @@ ROWS = [
     (T + ["--dice-weight", "1"], "--dice-weight is an option of the segment task"),
     (["train", "detect", "--copy-paste", "0.5"], "the detect task's own options: --on-bad-label"),
     (["train", "segment", "--train-subset", "10"], "--train-subset is an option of the classify task"),
+    (["train", "detect", "--erasing", "0"], "--erasing is an option of the classify task"),
+    (T + ["--erasing", "1.5"], "--erasing"),
     (["predict", "--weights", "x.pt", "--bogus-flag", "a.png"], "--bogus-flag"),
     # val / predict / info / data / weights / demo
     (["val"], "--weights"),
