@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cnnkit.errors import CnnkitError, UsageError
 from cnnkit.taskapi import (COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, number,  # noqa: F401
-                            flag_name, task_class, task_names)
+                            all_defaults, flag_dest, flag_name, task_class, task_names)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -190,7 +190,7 @@ def task_flags(task: str) -> list[str]:
 # Per task: the default model and the training settings that differ from TrainConfig's (`Task.defaults`).
 def __getattr__(name: str):
     if name == "TASK_DEFAULTS":  # read from the registry when asked for
-        return {t: task_class(t).defaults for t in task_names()}
+        return all_defaults()
     raise AttributeError(name)
 
 
@@ -202,14 +202,13 @@ ENGINE_SETTINGS = ("data", "batch_size", "img_size", "optimizer", "lr", "momentu
 
 
 def config_from_args(task: str, args):
-    """The TrainConfig of `cnnkit train TASK ...`, built as `TrainConfig.for_task` builds it; a model of
-    another task is refused here, before any data is read."""
-    from cnnkit.engine.config import TrainConfig, check_model_for_task
+    """The TrainConfig of `cnnkit train TASK ...`, built as `TrainConfig.for_task` builds it (`fit` refuses a
+    model of another task before it reads any data)."""
+    from cnnkit.engine.config import TrainConfig
 
     d = task_class(task).defaults
     explicit_model = args.model is not None
     model = args.model or d["model"]
-    check_model_for_task(task, model)
     kwargs = dict(d.get("model_kwargs", {})) if not explicit_model else {}
     kwargs.update(_model_kwargs(args, task))
     weights = args.weights if args.weights is not None else (None if explicit_model else d["config"].get("weights"))
@@ -281,13 +280,13 @@ def cmd_predict(args) -> int:
     out = Path(args.out) if args.out else Path("runs") / t.task.name / "predict"
     given = {}
     for flag, owners in _predict_flags().items():
-        value = getattr(args, _dest(flag))
+        value = getattr(args, flag_dest(flag))
         if value is None:
             continue
         if t.task.name not in owners:
             raise UsageError(f"{flag} applies to {'/'.join(owners)} checkpoints only, not {t.task.name}",
                              fix=f"drop {flag}")
-        given[_dest(flag)] = value
+        given[flag_dest(flag)] = value
     rows = predict_files(t, args.sources, out_dir=out, batch_size=args.batch_size, options=given)
     for r in rows[: args.show]:
         print(r["summary"])
@@ -295,10 +294,6 @@ def cmd_predict(args) -> int:
         print(f"... {len(rows) - args.show} more")
     print(f"{len(rows)} image(s); results in {out}")
     return 0
-
-
-def _dest(flag: str) -> str:
-    return flag.lstrip("-").replace("-", "_")
 
 
 def _predict_flags() -> dict[str, list[str]]:

@@ -113,6 +113,11 @@ def flag_name(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
+def flag_dest(flag: str) -> str:
+    """"--conf-threshold" -> "conf_threshold": the name a flag's value goes by."""
+    return flag.lstrip("-").replace("-", "_")
+
+
 # --------------------------------------------------------------------------------- the interface
 @dataclass
 class TaskData:
@@ -380,3 +385,8 @@ def task_class(name: str) -> type[Task]:
 def get_task(name: str) -> Task:
     """A fresh instance of the registered task `name`."""
     return task_class(name)()
+
+
+def all_defaults() -> dict[str, dict[str, Any]]:
+    """{task: its `defaults`} of every registered task (what `TASK_DEFAULTS` names)."""
+    return {name: task_class(name).defaults for name in task_names()}

@@ -57,8 +57,8 @@ class TrainConfig:
     options: Any = None  # the task's own settings: its `Options` dataclass (a dict is converted)
 
     def __post_init__(self) -> None:
-        options_class = task_class(self.task or task_names()[0]).Options
         self.task = self.task or task_names()[0]
+        options_class = task_class(self.task).Options
         if self.options is None:
             self.options = options_class()
         elif isinstance(self.options, dict):

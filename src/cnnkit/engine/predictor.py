@@ -18,11 +18,12 @@ from typing import Any
 import torch
 
 from cnnkit.engine.loop import outputs_of
+from cnnkit.taskapi import flag_dest
 
 
 def predict_options(task, given: dict[str, Any] | None = None) -> dict[str, Any]:
     """The task's predict options: its declared defaults, then what was given (None = not given)."""
-    out = {flag.lstrip("-").replace("-", "_"): spec.get("default") for flag, spec in task.predict_flags.items()}
+    out = {flag_dest(flag): spec.get("default") for flag, spec in task.predict_flags.items()}
     out.update({k: v for k, v in (given or {}).items() if v is not None})
     return out
 

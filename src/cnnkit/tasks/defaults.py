@@ -5,7 +5,7 @@ the config. The figures behind each choice are in BENCHMARKS.md."""
 
 def __getattr__(name: str):
     if name == "TASK_DEFAULTS":  # read from the registry when asked for (every task registered by then)
-        from cnnkit.taskapi import task_class, task_names
+        from cnnkit.taskapi import all_defaults
 
-        return {t: task_class(t).defaults for t in task_names()}
+        return all_defaults()
     raise AttributeError(name)
