@@ -105,8 +105,8 @@ def _add_model_data_flags(p: argparse.ArgumentParser, defaults) -> None:
     p.add_argument("--epochs", type=POSITIVE_INT, default=defaults.epochs, help="passes over the training data")
     p.add_argument("--time", type=POSITIVE, default=None, metavar="MINUTES",
                    help="train to a time budget: the run times its first steps, sets the epochs so that training, "
-                   "evaluation, pictures and report end inside it, and fits the lr schedule to them (with --epochs: "
-                   "whichever ends first; a resumed run keeps what is left)")
+                   "evaluation, pictures and report end inside it (the last epoch may be partial), and fits the lr "
+                   "schedule to them (with --epochs: whichever ends first; a resumed run keeps what is left)")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=defaults.batch_size, help="images per optimizer step; "
                    "under torchrun the global batch, split evenly over the processes")
     p.add_argument("--img-size", type=IMG_SIZE, default=defaults.img_size, help="input height = width")

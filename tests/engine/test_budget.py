@@ -90,9 +90,63 @@ def test_epochs_come_from_the_budget_and_the_schedule_is_fitted(shapes_dir, tmp_
     schedule = last["scheduler"]["lr_lambdas"][0]
     assert schedule["total_iters"] == n * ITERS and schedule["warmup_iters"] == ITERS // 2
     assert res.history[-1]["lr"] == pytest.approx(0.05 * 0.01)  # the cosine ends exactly at the last step
-    assert any(ln.startswith("time budget 1 min: ") and " epochs (" in ln for ln in lines)  # the first plan
+    assert any(ln.startswith("time budget 1 min: ") and " an epoch with evaluation" in ln for ln in lines)  # the first plan
     assert any(ln.startswith(f"time budget: {n} epochs instead of ") for ln in lines)  # refitted after epoch 1
     assert "time budget 1 min" in next(ln for ln in lines if "device cpu" in ln)  # the header line
+
+
+def test_time_short_of_a_whole_epoch_goes_to_a_partial_last_one_and_resume_keeps_it(shapes_dir, tmp_path, clock):
+    """64 s: after the 9 whole epochs of 6 s and the 6 s reserve, 4 s are left: the evaluation (2 s) and 2 of
+    the 4 steps of a 10th epoch. Stopped in that epoch and resumed, the run still ends with those 2 steps."""
+    def step(e, s, loss):
+        clock.now += STEP_S
+        if (e, s) == (9, 0):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    cfg = dict(time=64 / 60, name="tail")
+    with pytest.raises(TrainingInterrupted) as info:
+        trainer_module.fit(_cfg(shapes_dir, tmp_path, **cfg), on_step=step, log=lambda *_: None)
+    saved = ck.load_checkpoint(info.value.checkpoint)
+    assert saved["planned_steps"] == 9 * ITERS + 2 and saved["planned_epochs"] == 10 and saved["step"] == 1
+    lines: list[str] = []
+    res = trainer_module.fit(_cfg(shapes_dir, tmp_path, **cfg), resume=str(info.value.checkpoint),
+                             on_step=lambda *a: setattr(clock, "now", clock.now + STEP_S), log=lines.append)
+    last = ck.load_checkpoint(res.run_dir / "weights" / "last.pt")
+    assert len(res.history) == 10 and last["epoch"] == 9
+    assert last["scheduler"]["last_epoch"] == 9 * ITERS + 2  # the optimizer steps taken in all
+    assert last["scheduler"]["lr_lambdas"][0]["total_iters"] == 9 * ITERS + 2
+    assert res.history[-1]["lr"] == pytest.approx(0.05 * 0.01)  # the cosine still ends at the last step
+    assert last["time_used_s"] <= 64.0
+    assert any("10 epochs, the last 2 of 4 steps planned" in ln for ln in lines), lines  # the resumed header
+
+
+def test_steps_in_by_hand():
+    # whole epochs of 6 s (2 s of it evaluation, 1 s a step of 4), then a partial one of at least a quarter
+    assert Budget.steps_in(52.0, 6.0, 2.0, 4) == 8 * 4 + 2
+    assert Budget.steps_in(49.0, 6.0, 2.0, 4) == 8 * 4  # 1 s left: not even the evaluation
+    assert Budget.steps_in(60.0, 10.0, 2.0, 32) == 6 * 32  # nothing left over
+    assert Budget.steps_in(15.0, 10.0, 2.0, 32) == 32 + 12  # 5 s - 2 s of evaluation = 12 of 32 steps (0.25 s each)
+    assert Budget.steps_in(14.0, 10.0, 2.0, 32) == 32 + 8  # 2 s = 8 steps: exactly a quarter
+    assert Budget.steps_in(13.5, 10.0, 2.0, 32) == 32  # 6 steps: under a quarter, not worth its evaluation
+    assert Budget.steps_in(-1.0, 10.0, 2.0, 32) == 0
+
+
+def test_replan_shrinks_past_a_slack_and_grows_by_a_quarter_epoch_or_not_at_all():
+    b = Budget(100.0)
+    b.end_epoch(4.5, 0.5)  # 5 s an epoch of 10 steps, evaluation included; ~95.5 s spare after the reserve
+    assert b.replan(steps_done=50, planned=100, iters=10) > 100  # room for more: grown
+    tight = Budget(100.0, used_before=50.0)  # 50 s left, 45.5 s after the reserve: 8 epochs + 3 steps at 1.1x pace
+    tight.end_epoch(4.5, 0.5)
+    assert tight.replan(steps_done=50, planned=50 + 80, iters=10) == 130  # under a quarter epoch more: kept
+    assert tight.replan(steps_done=50, planned=50 + 75, iters=10) > 125  # a quarter epoch or more: grown
+    slow = Budget(100.0, used_before=90.0)
+    slow.end_epoch(4.5, 0.5)  # 10 s left, 4.5 s of them the reserve: one whole epoch, no room for a partial one
+    assert slow.replan(steps_done=80, planned=100, iters=10) == 90
+    assert slow.replan(steps_done=80, planned=90, iters=10) == 90
+    slow100 = Budget(100.0, used_before=90.0)  # the same with 100 steps an epoch: 5 steps are 5% of it
+    slow100.end_epoch(4.5, 0.5)
+    assert slow100.replan(steps_done=800, planned=903, iters=100) == 903  # 3 steps over: no reason to cut
+    assert slow100.replan(steps_done=800, planned=910, iters=100) == 900
 
 
 def test_with_epochs_whichever_ends_first(shapes_dir, tmp_path, clock):
@@ -165,12 +219,13 @@ def test_cli_refuses_a_bad_time_in_one_line(value, tmp_path):
 
 def test_plan_by_hand():
     b = Budget(100.0)
-    epochs, info = b.plan_from_steps(epoch=0, step_s=0.1, steps_left=40, iters=50, train_images=500, val_images=100)
-    # an epoch 5 s + its evaluation 0.5 x 5 x 100 / 500 = 0.5 s; this epoch's rest 4.5 s; reserve 0.5 + 4 s
+    steps, info = b.plan_from_steps(epoch=0, step_s=0.1, steps_left=40, iters=50, train_images=500, val_images=100)
+    # an epoch 5 s + its evaluation 0.5 x 5 x 100 / 500 = 0.5 s; this epoch's rest 4.5 s; reserve 0.5 + 4 s:
+    # 91 s = 16 more whole epochs (88 s) + 3 s, of which 2.5 s after its evaluation = 25 steps of a 17th (half of 50)
     assert info["epoch_s"] == pytest.approx(5.5)
-    assert epochs == 1 + int((100 - 4.5 - 4.5) // 5.5) == 17
+    assert 17 * 50 + 24 <= steps <= 17 * 50 + 25  # (24 when 2.5 / 0.1 rounds below 25)
     assert Budget(100.0, max_epochs=5).plan_from_steps(epoch=0, step_s=0.1, steps_left=40, iters=50, train_images=500,
-                                                       val_images=100)[0] == 5
+                                                       val_images=100)[0] == 5 * 50
 
 
 def test_schedule_refit_keeps_warmup_and_ends_at_the_floor():

@@ -287,8 +287,10 @@ def _build_training(s: _Session) -> None:
     optimizer = build_optimizer(groups, cfg.optimizer, cfg.lr, cfg.momentum)
     s.iters = iters = len(s.train_loader)
     # the epochs of this run: --epochs, or what a resumed --time run planned (a fresh one plans after its first steps)
-    s.planned = 0 if s.extend_epochs else int((s.ckpt or {}).get("planned_epochs") or 0)
-    s.epochs = s.planned or cfg.epochs or (1000 if s.budget else 1)  # a budget's provisional: a flat lr until it plans
+    saved = {} if s.extend_epochs else (s.ckpt or {})
+    s.planned = int(saved.get("planned_steps") or int(saved.get("planned_epochs") or 0) * iters)  # training steps
+    # (a budget's provisional 1000 epochs: a flat lr until it plans)
+    s.epochs = -(-s.planned // iters) or cfg.epochs or (1000 if s.budget else 1)
     steps = list(cfg.steps) or default_steps(s.epochs)
     scheduler = build_scheduler(optimizer, total_iters=s.epochs * iters, warmup_iters=int(cfg.warmup_epochs * iters),
                                 schedule=cfg.schedule, iters_per_epoch=iters, steps=steps, gamma=cfg.gamma)
@@ -337,15 +339,15 @@ def _start(s: _Session) -> None:
         s.train_model = torch.compile(s.train_model)
     n_params = sum(p.numel() for p in s.model.parameters())
     budget = s.budget
+    s.plan = BudgetPlan(budget, s.opt.scheduler, cfg, iters=s.iters, train_images=len(s.data.train),
+                        val_images=len(s.data.val), planned_steps=s.planned, log=s.log) if budget else None
     s.log(f"{cfg.task}: {s.model.cnnkit_name} ({n_params:,} parameters) on {s.data.source}; device {s.run.device}, "
           f"{s.choice.describe()}, {s.train_loader.num_workers} workers"
           + (f", time budget {cfg.time:g} min ({budget.remaining() / 60:.1f} min left; "
-             + (f"{s.planned} epochs planned)" if s.planned else f"epochs planned after the first {PLAN_AFTER_STEPS} steps)")
+             + (f"{s.plan.describe()} planned)" if s.planned else f"epochs planned after the first {PLAN_AFTER_STEPS} steps)")
              if budget else "")
           + (f", {dist.world_size()} processes x {s.batch} images a step" if dist.world_size() > 1 else "")
           + f" -> {s.run_dir}")
-    s.plan = BudgetPlan(budget, s.opt.scheduler, cfg, iters=s.iters, train_images=len(s.data.train),
-                        val_images=len(s.data.val), planned=s.planned, log=s.log) if budget else None
 
 
 def _train_epochs(s: _Session) -> tuple[int, int, int] | None:
@@ -364,7 +366,7 @@ def _train_epochs(s: _Session) -> tuple[int, int, int] | None:
         s.train_loader.sampler.set_epoch(epoch)  # the order of each epoch: seed + epoch, whatever the world size
         epoch_rng = ck.rng_state()  # saved with a mid-epoch checkpoint: the loader of this epoch starts from it
         first = epoch == s.start_epoch
-        plan = EpochPlan(epoch=epoch, epochs=s.epochs, max_steps=(cfg.max_steps - steps_done) if cfg.max_steps else 0,
+        plan = EpochPlan(epoch=epoch, epochs=s.epochs, max_steps=_step_limit(s, epoch, steps_done, first),
                          progress=cfg.progress and dist.is_main(),
                          on_step=s.plan.on_step(s.on_step, epoch) if s.plan else s.on_step, stop=s.stop,
                          start_step=s.start_step if first else 0, resume_rng=s.resume_rng if first else None,
@@ -385,6 +387,15 @@ def _train_epochs(s: _Session) -> tuple[int, int, int] | None:
             return (s.stop.signum or signal.SIGTERM, epoch + 1, 0)
         epoch += 1
     return None
+
+
+def _step_limit(s: _Session, epoch: int, steps_done: int, first: bool) -> int:
+    """The most steps epoch `epoch` may take in this call (0 = all of it): what --max-steps leaves, and the
+    budget's partial last epoch (less the steps a resumed epoch already did)."""
+    limits = [s.cfg.max_steps - steps_done] if s.cfg.max_steps else []
+    if s.plan and s.plan.steps and s.plan.steps_of(epoch) < s.iters:
+        limits.append(max(1, s.plan.steps_of(epoch) - (s.start_step if first else 0)))
+    return min(limits) if limits else 0
 
 
 def _end_epoch(s: _Session, epoch: int, train: dict[str, Any], t0: float) -> None:
@@ -437,7 +448,8 @@ def _finish(s: _Session, interrupted: tuple[int, int, int] | None) -> RunResult:
 
         s.log(f"report: {write_report([s.run_dir], s.run_dir / 'report.html', device=cfg.device)}")
     if s.budget is not None:
-        s.log(f"time budget {cfg.time:g} min: {len(s.history)} epochs, {s.budget.used() / 60:.2f} min used")
+        done = s.plan.describe() if s.plan is not None and s.plan.steps else f"{len(s.history)} epochs"
+        s.log(f"time budget {cfg.time:g} min: {done}, {s.budget.used() / 60:.2f} min used")
     dist.barrier()  # the others wait while rank 0 writes
     dist.cleanup(s.started_group)
     return RunResult(s.run_dir, s.metrics, s.best, s.history)
