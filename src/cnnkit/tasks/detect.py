@@ -75,7 +75,7 @@ class DetectTask(Task):
         "--data": dict(default=None, help="detect: the dataset the images come from (as `train --data` takes it); "
                        "predictions.json then holds its COCO image and category ids, each image found by path or "
                        "file name (default: none; image_id = 1..N in file order, category_id the checkpoint's)")}
-    demo_minutes = 9.5
+    demo_minutes = 9.0  # of `fit` in `make demo`: with classify 5.0 and ~0.6 min of predict + report, under 25 min
     demo_quick_steps = 2
     saves = {"json": "predictions.json: the validation detections val scores (confidence >= 0.001, at most 100 "
                      "an image) in COCO results format, with the dataset's image and category ids"}

@@ -161,7 +161,7 @@ class SegmentTask(Task):
                             "weights": "imagenet", "freeze_early": 4, "copy_paste": 1.0, "dice_weight": 1.0})
     figure = ("confusion_matrix.png", "pixel confusion matrix")
     score_meaning = "the image's mIoU over the classes in its truth or prediction"
-    demo_minutes = 9.5
+    demo_minutes = 9.0  # of `fit` in `make demo`: with classify 5.0 and ~0.6 min of predict + report, under 25 min
     demo_quick_steps = 2
     saves = {"masks": "masks/<image stem>.png: the predicted index mask of each validation image as val scores it "
                       "(img-size x img-size; pixel = class index; 8-bit palette PNG, 16-bit over 255 classes)"}
