@@ -34,6 +34,11 @@ MIN_TAIL = 0.25  # a last, partial epoch trains at least a quarter of an epoch (
 SHRINK_SLACK = 0.05  # an overrun of under 5% of an epoch's steps is no reason to cut the plan (epochs vary ~10%)
 
 
+def epochs_in(steps: int, iters: int) -> int:
+    """Epochs that `steps` training steps take, the last one perhaps partial."""
+    return -(-steps // iters)
+
+
 def check_minutes(minutes) -> float:
     """A valid budget in minutes (> 0), or a UsageError."""
     try:
@@ -135,7 +140,7 @@ class BudgetPlan:
     @property
     def epochs(self) -> int:
         """Epochs planned, the last one perhaps partial (0 until planned)."""
-        return -(-self.steps // self.iters)
+        return epochs_in(self.steps, self.iters)
 
     def steps_of(self, epoch: int) -> int:
         """Steps planned for epoch `epoch` (0-based): a whole epoch, or the partial last one's."""
@@ -143,8 +148,8 @@ class BudgetPlan:
 
     def describe(self, steps: int | None = None) -> str:
         steps = self.steps if steps is None else steps
-        epochs, tail = -(-steps // self.iters), steps % self.iters
-        return f"{epochs} epochs" + (f", the last {tail} of {self.iters} steps" if tail else "")
+        tail = steps % self.iters
+        return f"{epochs_in(steps, self.iters)} epochs" + (f", the last {tail} of {self.iters} steps" if tail else "")
 
     def on_step(self, inner, epoch: int):
         if self.times is None:  # planned already in this process
@@ -188,7 +193,7 @@ class BudgetPlan:
         done = min(self.steps, (epoch + 1) * self.iters)
         new = self.budget.replan(steps_done=done, planned=self.steps, iters=self.iters) if dist.is_main() else None
         new = dist.broadcast_object(new)
-        if new != self.steps and -(-new // self.iters) != self.epochs:  # (a few steps more or less: not logged)
+        if new != self.steps and epochs_in(new, self.iters) != self.epochs:  # (a few steps more or less: not logged)
             self.log(f"time budget: {self.describe(new)} instead of {self.describe()} "
                      f"({self.budget.epoch_times[-1]:.1f} s measured for epoch {epoch + 1}, "
                      f"{self.budget.remaining() / 60:.1f} min left)")

@@ -23,7 +23,7 @@ from cnnkit.engine.config import TrainConfig, check_model_for_task
 from cnnkit.engine.runs import (make_loader, new_run_dir, plot_curves, read_metrics_csv,  # noqa: F401  (re-exported)
                                 write_metrics_csv)
 from cnnkit.engine.finetune import backbone_parameters, freeze_early, is_frozen_at, set_backbone_frozen, train_mode
-from cnnkit.engine.budget import PLAN_AFTER_STEPS, Budget, BudgetPlan, check_minutes
+from cnnkit.engine.budget import PLAN_AFTER_STEPS, Budget, BudgetPlan, check_minutes, epochs_in
 from cnnkit.engine.device import RunSettings, fp32_depthwise, resolve_device, resolve_precision
 from cnnkit.engine.probe import Choice, ProbeRequest, choose, model_id
 from cnnkit.engine.loop import (DivergedError, EpochPlan, Optimisation, StopRequest, TrainingInterrupted, evaluate,
@@ -290,7 +290,7 @@ def _build_training(s: _Session) -> None:
     saved = {} if s.extend_epochs else (s.ckpt or {})
     s.planned = int(saved.get("planned_steps") or int(saved.get("planned_epochs") or 0) * iters)  # training steps
     # (a budget's provisional 1000 epochs: a flat lr until it plans)
-    s.epochs = -(-s.planned // iters) or cfg.epochs or (1000 if s.budget else 1)
+    s.epochs = epochs_in(s.planned, iters) or cfg.epochs or (1000 if s.budget else 1)
     steps = list(cfg.steps) or default_steps(s.epochs)
     scheduler = build_scheduler(optimizer, total_iters=s.epochs * iters, warmup_iters=int(cfg.warmup_epochs * iters),
                                 schedule=cfg.schedule, iters_per_epoch=iters, steps=steps, gamma=cfg.gamma)
@@ -393,8 +393,9 @@ def _step_limit(s: _Session, epoch: int, steps_done: int, first: bool) -> int:
     """The most steps epoch `epoch` may take in this call (0 = all of it): what --max-steps leaves, and the
     budget's partial last epoch (less the steps a resumed epoch already did)."""
     limits = [s.cfg.max_steps - steps_done] if s.cfg.max_steps else []
-    if s.plan and s.plan.steps and s.plan.steps_of(epoch) < s.iters:
-        limits.append(max(1, s.plan.steps_of(epoch) - (s.start_step if first else 0)))
+    planned = s.plan.steps_of(epoch) if s.plan and s.plan.steps else s.iters
+    if planned < s.iters:
+        limits.append(max(1, planned - (s.start_step if first else 0)))
     return min(limits) if limits else 0
 
 
