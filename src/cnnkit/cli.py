@@ -98,9 +98,13 @@ def _task_defaults(task: str):
 
 
 def _add_model_data_flags(p: argparse.ArgumentParser, defaults) -> None:
-    d = task_class(defaults.task).defaults
-    p.add_argument("--model", default=None, help="registered model name, see `cnnkit models` "
-                   f"(default: {defaults.model}" + (", width 0.5)" if d.get("model_kwargs", {}).get("width") == 0.5 else ")"))
+    own = task_class(defaults.task).defaults.get("model_kwargs", {})
+
+    def of_default(key: str) -> str:  # "; 0.25 for the classify default" where the task's default model sets it
+        return f"; {own[key]:g} for the {defaults.task} default" if key in own else ""
+
+    width = f", width {own['width']:g}" if "width" in own else ""
+    p.add_argument("--model", default=None, help=f"registered model name, see `cnnkit models` (default: {defaults.model}{width})")
     p.add_argument("--data", default=defaults.data, help="built-in name, image folder, or data YAML")
     p.add_argument("--epochs", type=POSITIVE_INT, default=defaults.epochs, help="passes over the training data")
     p.add_argument("--time", type=POSITIVE, default=None, metavar="MINUTES",
@@ -110,9 +114,9 @@ def _add_model_data_flags(p: argparse.ArgumentParser, defaults) -> None:
     p.add_argument("--batch-size", type=POSITIVE_INT, default=defaults.batch_size, help="images per optimizer step; "
                    "under torchrun the global batch, split evenly over the processes")
     p.add_argument("--img-size", type=IMG_SIZE, default=defaults.img_size, help="input height = width")
-    p.add_argument("--width", type=POSITIVE, default=None, help="channel width multiplier (default: the model's own; 0.5 for the classify default)")
-    p.add_argument("--pool-size", type=POSITIVE_INT, default=None, help="adaptive pool size before the classifier (default: the model's own; 1 for the classify default)")
-    p.add_argument("--dropout", type=PROBABILITY, default=None, help="classifier dropout (default: the model's own; 0.2 for the classify default)")
+    p.add_argument("--width", type=POSITIVE, default=None, help=f"channel width multiplier (default: the model's own{of_default('width')})")
+    p.add_argument("--pool-size", type=POSITIVE_INT, default=None, help=f"adaptive pool size before the classifier (default: the model's own{of_default('pool_size')})")
+    p.add_argument("--dropout", type=PROBABILITY, default=None, help=f"classifier dropout (default: the model's own{of_default('dropout')})")
     p.add_argument("--backbone", default=None, help="yolo / unet: the registry backbone under the head (default: the model's own)")
     p.add_argument("--weights", default=None, help=f"(default: {defaults.weights or 'none'} with the default model, "
                    "else none) initial weights: none, imagenet (offline where available, see "

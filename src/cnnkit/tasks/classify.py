@@ -105,7 +105,7 @@ class ClassifyTask(Task):
     fitness = "top1"
     metric_names = ("loss", "top1", "top5")
     Options = ClassifyOptions
-    defaults = dict(model="vgg11_bn", model_kwargs={"width": 0.5, "pool_size": 1, "dropout": 0.2}, config={})
+    defaults = dict(model="vgg11_bn", model_kwargs={"width": 0.25, "pool_size": 1, "dropout": 0.2}, config={})
     figure = ("confusion_matrix.png", "confusion matrix")
     score_meaning = "probability of the true class"
     predict_flags = {"--top-k": dict(type=number(int, 1), default=5, help="classify: classes listed per image")}
