@@ -7,6 +7,7 @@ the k highest scores. Per-class accuracy is the confusion matrix's diagonal over
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,19 +30,72 @@ def default_normalisation(channels: int) -> tuple[tuple[float, ...], tuple[float
     return (0.5,) * channels, (0.25,) * channels
 
 
-def train_transform(img_size: int, source_size: int, augment: bool, erasing: float = 0.5):
-    """Small sources (<= 1.5x the input size, e.g. MNIST): fit, pad-and-crop, flip, random erasing
-    (Zhong et al. 2020) with probability `erasing`.
-    Larger photos: random-resized crop and flip (the Inception / ResNet recipe)."""
-    if not augment:
+def small_source(img_size: int, source_size: int) -> bool:
+    """Images at most 1.5x the input size (e.g. 28-px Fashion-MNIST into 32): augmented as a batch."""
+    return source_size <= 1.5 * img_size
+
+
+def train_transform(img_size: int, source_size: int, augment: bool):
+    """The per-image part of training augmentation. Small sources: only fitted to the input size (their
+    pad-and-crop, flip and erasing run on the whole batch: `SmallImageAugment`). Larger photos:
+    random-resized crop and flip (the Inception / ResNet recipe)."""
+    if not augment or small_source(img_size, source_size):
         return eval_transform(img_size)
-    if source_size <= 1.5 * img_size:
-        return v2.Compose([FitTo(img_size),
-                           v2.RandomCrop(img_size, padding=max(1, img_size // 8)),
-                           v2.RandomHorizontalFlip(),
-                           *([v2.RandomErasing(p=erasing, scale=(0.02, 0.25), value=0)] if erasing else [])])
     return v2.Compose([v2.RandomResizedCrop(img_size, scale=(0.25, 1.0), antialias=True),
                        v2.RandomHorizontalFlip()])
+
+
+class SmallImageAugment:
+    """Training augmentation of small images, done on the whole normalised batch where it lands (CPU or
+    GPU) instead of image by image in the loader: zero-padding by img_size // 8 on every side and a random
+    crop back to the input size, a horizontal flip with probability 0.5, and random erasing (Zhong et al.
+    2020) with probability `erasing`: a rectangle of 2-25% of the image, aspect ratio log-uniform in
+    [0.3, 3.3], the first of 10 draws that fits, set to black. "Zero" and "black" are the pixel value 0
+    after normalisation, `fill` ([C] values, given with each batch). Random numbers come from torch's CPU generator, so a
+    resumed run draws what the interrupted one would have."""
+
+    ATTEMPTS = 10
+
+    def __init__(self, img_size: int, erasing: float):
+        self.pad = max(1, img_size // 8)
+        self.erasing = float(erasing)
+
+    def __call__(self, x: torch.Tensor, fill) -> torch.Tensor:
+        n, c, h, w = x.shape
+        p, dev = self.pad, x.device
+        fill = torch.as_tensor(fill, dtype=x.dtype).view(1, c, 1, 1).to(dev)
+        padded = fill.expand(n, c, h + 2 * p, w + 2 * p).clone()
+        padded[:, :, p:p + h, p:p + w] = x
+        top = torch.randint(0, 2 * p + 1, (n,)).to(dev).view(n, 1, 1, 1)
+        left = torch.randint(0, 2 * p + 1, (n,)).to(dev).view(n, 1, 1, 1)
+        rows = (top + torch.arange(h, device=dev).view(1, 1, h, 1)).expand(n, c, h, w + 2 * p)
+        cols = (left + torch.arange(w, device=dev).view(1, 1, 1, w)).expand(n, c, h, w)
+        out = padded.gather(2, rows).gather(3, cols)
+        flip = (torch.rand(n) < 0.5).to(dev).view(n, 1, 1, 1)
+        out = torch.where(flip, out.flip(3), out)
+        if self.erasing:
+            out = torch.where(self.erase_mask(n, h, w).to(dev), fill, out)
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out
+
+    def erase_mask(self, n: int, h: int, w: int) -> torch.Tensor:
+        """[n, 1, h, w] bool: the rectangle erased in each image (none where it is not erased)."""
+        k = self.ATTEMPTS
+        erase = torch.rand(n) < self.erasing
+        area = h * w * torch.empty(n, k).uniform_(0.02, 0.25)
+        aspect = torch.exp(torch.empty(n, k).uniform_(math.log(0.3), math.log(3.3)))
+        eh, ew = (area * aspect).sqrt().round().long(), (area / aspect).sqrt().round().long()
+        fits = (eh < h) & (ew < w)
+        first = fits.long().argmax(1, keepdim=True)  # the first draw that fits (0 where none does)
+        eh, ew = eh.gather(1, first).squeeze(1), ew.gather(1, first).squeeze(1)
+        erase &= fits.any(1)
+        i = (torch.rand(n) * (h - eh + 1)).long()
+        j = (torch.rand(n) * (w - ew + 1)).long()
+        r, q = torch.arange(h).view(1, h, 1), torch.arange(w).view(1, 1, w)
+        inside = ((r >= i.view(n, 1, 1)) & (r < (i + eh).view(n, 1, 1)) &
+                  (q >= j.view(n, 1, 1)) & (q < (j + ew).view(n, 1, 1)))
+        return (inside & erase.view(n, 1, 1)).unsqueeze(1)
 
 
 class FitTo(torch.nn.Module):
@@ -115,6 +169,7 @@ class ClassifyTask(Task):
         self.mean: tuple[float, ...] = IMAGENET_MEAN
         self.std: tuple[float, ...] = IMAGENET_STD
         self.label_smoothing = 0.0
+        self.batch_augment: SmallImageAugment | None = None
 
     # -- data ---------------------------------------------------------------------------------
     def build_data(self, cfg) -> TaskData:
@@ -126,7 +181,10 @@ class ClassifyTask(Task):
         source_size = max(first.shape[-2:])
         self.mean, self.std = default_normalisation(d.channels)
         self.label_smoothing = cfg.options.label_smoothing
-        d.train.transform = train_transform(cfg.img_size, source_size, cfg.augment, cfg.options.erasing)
+        d.train.transform = train_transform(cfg.img_size, source_size, cfg.augment)
+        self.batch_augment = None
+        if cfg.augment and small_source(cfg.img_size, source_size):
+            self.batch_augment = SmallImageAugment(cfg.img_size, cfg.options.erasing)
         d.val.transform = eval_transform(cfg.img_size)
         source = d.source
         if cfg.options.train_subset:
@@ -148,6 +206,9 @@ class ClassifyTask(Task):
         return model
 
     def loss(self, model, images, targets):
+        if self.batch_augment is not None and model.training:
+            black = [-m / s for m, s in zip(self.mean, self.std)]  # pixel value 0, normalised as `prepare` does
+            images = self.batch_augment(images, black)
         logits = model(images)
         return F.cross_entropy(at_least_fp32(logits), targets, label_smoothing=self.label_smoothing), {}
 
