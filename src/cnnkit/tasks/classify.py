@@ -51,8 +51,8 @@ class SmallImageAugment:
     crop back to the input size, a horizontal flip with probability 0.5, and random erasing (Zhong et al.
     2020) with probability `erasing`: a rectangle of 2-25% of the image, aspect ratio log-uniform in
     [0.3, 3.3], the first of 10 draws that fits, set to black. "Zero" and "black" are the pixel value 0
-    after normalisation, `fill` ([C] values, given with each batch). Random numbers come from torch's CPU generator, so a
-    resumed run draws what the interrupted one would have."""
+    after normalisation, `fill` ([C] values, given with each batch). Random numbers come from torch's CPU
+    generator, so a resumed run draws what the interrupted one would have."""
 
     ATTEMPTS = 10
 
