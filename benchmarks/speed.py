@@ -17,9 +17,10 @@ training images/s
   Each rate is the images of the timed steps over their time (step end to step end, after warm-up).
 inference
   batch-1 latency and batched throughput of the model's forward pass on synthetic inputs (the model is
-  what is measured): plain = fp32, NCHW, eval, no_grad; cnnkit = `cnnkit.engine.inference._place` (what
-  `cnnkit predict` uses: precision and channels_last measured on forward passes at the batch size) under
-  the chosen autocast.
+  what is measured), both in the cnnkit subprocess, in turns: plain = fp32, NCHW, eval, no_grad, the
+  model as built; cnnkit = `cnnkit.engine.inference._place` of the same model (what `cnnkit predict`
+  uses: precision and channels_last measured on forward passes at the batch size, and in fp32 BatchNorm
+  folded into the convolutions) under the chosen autocast. Speed-ups: medians of the ratios within each process.
 achieved GFLOP/s
   forward FLOPs = 2 x multiply-adds (`cnnkit.models.summary.summarize`, what `cnnkit info` prints);
   training FLOPs are counted per layer from what runs: forward 2 x MACs, plus 2 x MACs for the input
@@ -46,6 +47,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import copy
 import datetime
 import json
 import os
@@ -306,6 +308,28 @@ def _inference(model, shape, batch: int, device: str, ctx, channels_last: bool, 
     return {"latency_ms": t1 * 1e3, "batched_ips": batch / tb}
 
 
+def _inference_pair(plain, placed, shape, batch: int, device: str, ctx, channels_last: bool, reps1: int,
+                    repsb: int, rounds: int = 2) -> dict:
+    """Inference of the plain model (fp32, NCHW, no autocast) and of cnnkit's placed copy of it, timed in
+    the same process in turns (plain, cnnkit, plain, cnnkit, ...), so that a change in the machine's load
+    touches both: medians over the rounds, and the speed-ups as medians of each round's ratio."""
+    runs: dict[str, list[dict]] = {"plain": [], "cnnkit": []}
+    for _ in range(rounds):
+        runs["plain"].append(_inference(plain, shape, batch, device, contextlib.nullcontext, False,
+                                        max(3, reps1 // rounds), max(2, repsb // rounds)))
+        runs["cnnkit"].append(_inference(placed, shape, batch, device, ctx, channels_last,
+                                         max(3, reps1 // rounds), max(2, repsb // rounds)))
+    out = {}
+    for who, rows in runs.items():
+        prefix = "" if who == "cnnkit" else "plain_"
+        out[prefix + "latency_ms"] = statistics.median(r["latency_ms"] for r in rows)
+        out[prefix + "batched_ips"] = statistics.median(r["batched_ips"] for r in rows)
+    pairs = list(zip(runs["plain"], runs["cnnkit"]))
+    out["latency_ratio"] = statistics.median(p["latency_ms"] / c["latency_ms"] for p, c in pairs)
+    out["batched_ratio"] = statistics.median(c["batched_ips"] / p["batched_ips"] for p, c in pairs)
+    return out
+
+
 def _data_rate(loader, batches: int) -> float:
     """Images/s the loader delivers (first batch untimed)."""
     it = iter(loader)
@@ -362,11 +386,12 @@ def worker_cnnkit(case: Case, spec: dict) -> dict:
     flops = training_flops(model, shape, torch.device(device))
     data_ips = _data_rate(loader, spec["data_batches"])
     fresh = build_model(model.cnnkit_name, **dict(model.cnnkit_kwargs))
+    plain = copy.deepcopy(fresh).to(device).eval()  # what the plain loop would run: fp32, NCHW, BatchNorm kept
     request = ProbeRequest(resolve_device(device), "auto", "auto", "", (spec["infer_batch"], *shape), kind="infer")
     fresh, placed = _place(fresh, captured["task"], request, None)
     iprec, cl = placed.precision, placed.channels_last
-    infer = _inference(fresh, shape, spec["infer_batch"], device, iprec.autocast, cl,
-                       spec["latency_reps"], spec["batched_reps"])
+    infer = _inference_pair(plain, fresh, shape, spec["infer_batch"], device, iprec.autocast, cl,
+                            spec["latency_reps"], spec["batched_reps"])
     return {"train_ips": ips, "timed_steps": timed, "batch": cfg.batch_size, "peak_mib": peak,
             "data_ips": data_ips, "workers": loader.num_workers, **flops, **infer,
             "precision": prec.name, "channels_last": bool(captured["channels_last"]),
@@ -528,10 +553,7 @@ def worker_plain(case: Case, spec: dict) -> dict:
     ips, timed = _rate(stamps, warmup, cfg.batch_size)
     shape = _input_shape(spec["case"], cfg)
     flops = training_flops(model, shape, torch.device(device))
-    model.eval()
-    infer = _inference(model, shape, spec["infer_batch"], device, contextlib.nullcontext, False,
-                       spec["latency_reps"], spec["batched_reps"])
-    return {"train_ips": ips, "timed_steps": timed, "batch": cfg.batch_size, "peak_mib": peak, **flops, **infer}
+    return {"train_ips": ips, "timed_steps": timed, "batch": cfg.batch_size, "peak_mib": peak, **flops}
 
 
 def run_worker(spec_json: str) -> None:
@@ -724,12 +746,12 @@ def build_table(results: dict, peaks: dict, device: str) -> tuple[str, dict]:
             "**train speed-up**": f"**{_x(ratio)}**",
             "data pipeline img/s (engine loader, no model)": _spread(c, "data_ips"),
             "**data / training consumption**": f"**{_x(_med(c, 'data_ips') / ck_ips)}**",
-            "batch-1 latency ms, plain": _spread(p, "latency_ms", "{:.1f}"),
+            "batch-1 latency ms, plain": _spread(c, "plain_latency_ms", "{:.1f}"),
             "batch-1 latency ms, cnnkit": _spread(c, "latency_ms", "{:.1f}"),
-            "**batch-1 speed-up**": f"**{_x(_med(p, 'latency_ms') / _med(c, 'latency_ms'))}**",
-            "batched img/s, plain": f"{_spread(p, 'batched_ips')}, batch {CASES[n].infer_batch}",
+            "**batch-1 speed-up**": f"**{_x(_med(c, 'latency_ratio'))}**",
+            "batched img/s, plain": f"{_spread(c, 'plain_batched_ips')}, batch {CASES[n].infer_batch}",
             "batched img/s, cnnkit": _spread(c, "batched_ips"),
-            "**batched speed-up**": f"**{_x(_med(c, 'batched_ips') / _med(p, 'batched_ips'))}**",
+            "**batched speed-up**": f"**{_x(_med(c, 'batched_ratio'))}**",
             "forward GFLOP / image (2 x MACs)": f"{2 * c0['fwd_macs'] / 1e9:.3g}",
             "training GFLOP / image, plain / cnnkit": f"{p[0]['train_flops'] / 1e9:.3g} / {c0['train_flops'] / 1e9:.3g}"
                                                       + (f" ({c0['frozen_macs_share']:.0%} of MACs frozen)"
@@ -740,7 +762,7 @@ def build_table(results: dict, peaks: dict, device: str) -> tuple[str, dict]:
             "cnnkit / plain of fp32 conv peak": f"{_pct(gf_c / fp32)} / {_pct(gf_p / fp32)}",
             "peak memory MiB, plain / cnnkit": f"{_med(p, 'peak_mib'):.0f} / {_med(c, 'peak_mib'):.0f}",
         }
-        summary[n] = {"train_ratio": ratio, "plain_ips": plain_ips, "cnnkit_ips": ck_ips, "gflops": gf_c,
+        summary[n] = {"train_ratio": ratio, "batched_ratio": _med(c, "batched_ratio"), "plain_ips": plain_ips, "cnnkit_ips": ck_ips, "gflops": gf_c,
                       "of_bf16_peak": gf_c / bf16 if bf16 else None, "data_ratio": _med(c, "data_ips") / ck_ips}
     keys = list(next(iter(col.values())).keys())
     mem = "peak RSS of the variant's process" if device == "cpu" else "torch.cuda.max_memory_allocated"
@@ -774,8 +796,11 @@ def section_text(table: str, peaks: dict, device: str, args, results: dict, elap
         "trained, no EMA. cnnkit: `fit` with the config `cnnkit train <task>` builds. Training FLOPs count "
         "per layer what runs: forward 2 MACs + input gradient 2 MACs (when the layer's input needs one) + "
         "weight gradient 2 MACs (when its weight trains), so layers kept frozen by freeze_early cost only "
-        "their forward. Inference: the model's forward on synthetic input (no decoding, no post-processing); "
-        "cnnkit = `cnnkit.engine.inference._place` + its autocast. " + bench,
+        "their forward. Inference: the model's forward on synthetic input (no decoding, no post-processing), "
+        "timed in one process, plain (fp32, NCHW, BatchNorm as trained) and cnnkit "
+        "(`cnnkit.engine.inference._place`: the measured precision and layout, its autocast, and in fp32 "
+        "BatchNorm folded into the convolutions) in turns; the speed-ups are medians of the ratios within each process. "
+        + bench,
     ]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -861,9 +886,11 @@ def main() -> None:
             for variant in order:
                 res = spawn({**spec, "variant": variant})
                 results[n][variant].append(res)
+                infer = (f"inference against plain: batch-1 {res['latency_ratio']:.2f}x, "
+                         f"batched {res['batched_ratio']:.2f}x ({res['batched_ips']:.1f} img/s), ") \
+                    if "batched_ratio" in res else ""
                 print(f"  {n:<8s} repeat {r + 1}/{args.repeats} {variant:<6s}: train {res['train_ips']:7.1f} img/s, "
-                      f"batch-1 {res['latency_ms']:6.1f} ms, batched {res['batched_ips']:7.1f} img/s, "
-                      f"peak {res['peak_mib']:.0f} MiB"
+                      f"{infer}peak {res['peak_mib']:.0f} MiB"
                       + (f", data {res['data_ips']:.0f} img/s" if "data_ips" in res else "")
                       + f"  ({res['wall_s']:.0f} s)", flush=True)
     again = measure_peaks(args.device)  # the peak is a property of the machine: keep the better of two

@@ -253,7 +253,7 @@ def cmd_val(args) -> int:
     save = tuple(k for k in _save_kinds() if getattr(args, f"save_{k}", False))
     m = validate(args.weights, data=args.data, batch_size=args.batch_size, device=args.device,
                  precision=args.precision, channels_last=args.channels_last, workers=args.workers, out_dir=out,
-                 save=save)
+                 save=save, fold_bn=args.fold_bn)
     _print_metrics(m)
     print(f"pictures in {out}")
     return 0
@@ -277,10 +277,10 @@ def cmd_predict(args) -> int:
 
     if args.model:
         t = load_pretrained(args.model, args.weights, download=args.download, device=args.device,
-                            precision=args.precision)
+                            precision=args.precision, fold_bn=args.fold_bn)
     else:
         t = load_trained(args.weights, device=args.device, precision=args.precision,
-                         channels_last=args.channels_last, batch_size=args.batch_size, log=print)
+                         channels_last=args.channels_last, batch_size=args.batch_size, fold_bn=args.fold_bn, log=print)
     out = Path(args.out) if args.out else Path("runs") / t.task.name / "predict"
     given = {}
     for flag, owners in _predict_flags().items():
@@ -438,6 +438,10 @@ def _add_val(sub) -> None:
                    help="auto: measured on this CPU and model (bf16 when at least 1.1x faster); bf16 / fp16 on CUDA")
     s.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
                    help="memory format (auto: measured on this CPU and model; on with CUDA)")
+    s.add_argument("--fold-bn", choices=("auto", "on", "off"), default="auto",
+                   help="BatchNorm folded into the convolution before it: fewer passes over memory, the same "
+                        "outputs in fp32 (checked at load); auto: in fp32 only (bf16 rounds folded weights "
+                        "differently)")
     s.add_argument("--workers", type=_number(int, -1), default=-1, help="DataLoader workers (-1 = automatic)")
     s.add_argument("--out", default=None, help="folder for the pictures and saved predictions (default: <run>/val)")
     for kind, what in _save_kinds().items():
@@ -465,6 +469,10 @@ def _add_predict(sub) -> None:
                    help="auto: measured on this CPU and model (bf16 when at least 1.1x faster); bf16 / fp16 on CUDA")
     s.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
                    help="memory format (auto: measured on this CPU and model; on with CUDA)")
+    s.add_argument("--fold-bn", choices=("auto", "on", "off"), default="auto",
+                   help="BatchNorm folded into the convolution before it: fewer passes over memory, the same "
+                        "outputs in fp32 (checked at load); auto: in fp32 only (bf16 rounds folded weights "
+                        "differently)")
     s.add_argument("--out", default=None, help="output folder (default: runs/<task>/predict)")
     s.add_argument("--show", type=COUNT, default=20, help="print this many results")
     s.set_defaults(func=cmd_predict)

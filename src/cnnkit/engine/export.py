@@ -92,7 +92,7 @@ def build_export_module(weights: str | Path, *, img_size: int | None = None, wit
 
     if Path(weights).suffix.lower() == ".onnx":
         raise UsageError(f"{weights} is already an ONNX file", fix="export the .pt checkpoint it came from")
-    t = load_trained(weights, device="cpu", precision="fp32", channels_last="off")
+    t = load_trained(weights, device="cpu", precision="fp32", channels_last="off", fold_bn=False)  # the model as trained
     model = t.model.float().to(memory_format=torch.contiguous_format).eval()
     pre = dict(t.ckpt.get("preprocess", {}))
     size = int(img_size or t.img_size)

@@ -11,18 +11,21 @@ import torch
 from cnnkit.engine import checkpoint as ck
 from cnnkit.engine.config import TrainConfig
 from cnnkit.engine.trained import Trained  # noqa: F401  (re-exported: cnnkit.engine.inference.Trained)
-from cnnkit.engine.device import RunSettings, fp32_depthwise, resolve_device
+from cnnkit.engine.device import RunSettings, fp32_depthwise, resolve_device, resolve_precision
 from cnnkit.engine.probe import ProbeRequest
 from cnnkit.errors import DataError, UsageError, WeightsError
 from cnnkit.taskapi import get_task
 
 
 def load_trained(weights: str | Path, *, device: str = "auto", precision: str = "auto",
-                 channels_last: str = "auto", batch_size: int = 32, log=None) -> Trained:
+                 channels_last: str = "auto", batch_size: int = 32, fold_bn: str | bool = "auto",
+                 log=None) -> Trained:
     """Rebuild the model a cnnkit checkpoint describes and load its (EMA, if any) weights.
     An .onnx file written by `cnnkit export` runs through onnxruntime (fp32; `precision` unused).
     `precision` / `channels_last` "auto" are measured on this CPU for batches of `batch_size`
-    (`cnnkit.engine.probe`); `log` gets one line saying what was chosen."""
+    (`cnnkit.engine.probe`); `fold_bn` ("auto", "on", "off"): BatchNorm folded into the convolution before it
+    (`cnnkit.engine.fold`: fewer passes over memory; "auto" folds in fp32 only, see `_place`); `log` gets one
+    line saying what was chosen."""
     from cnnkit.models import build_model
 
     if Path(weights).suffix.lower() == ".onnx":
@@ -46,15 +49,32 @@ def load_trained(weights: str | Path, *, device: str = "auto", precision: str = 
     size = int(pre.get("img_size", 224))
     shape = (min(batch_size, 32), int(pre.get("channels", 3)), size, size)  # batch 32 at most: a short probe
     model, run = _place(model, task, ProbeRequest(resolve_device(device), precision, channels_last,
-                                                  "", shape, kind="infer"), log)
+                                                  "", shape, kind="infer"), log, fold_bn=fold_bn)
     return Trained(task, model, ckpt, list(ckpt["names"]), run)
 
 
-def _place(model: torch.nn.Module, task, request: ProbeRequest, log) -> tuple[torch.nn.Module, RunSettings]:
+FOLD_BN = ("auto", "on", "off")
+
+
+def _fold_setting(fold_bn: str | bool) -> str:
+    setting = {True: "on", False: "off"}.get(fold_bn, fold_bn) if isinstance(fold_bn, bool) else str(fold_bn)
+    if setting not in FOLD_BN:
+        raise UsageError(f"fold_bn must be one of {', '.join(FOLD_BN)}, got {fold_bn!r}", fix="--fold-bn auto")
+    return setting
+
+
+def _place(model: torch.nn.Module, task, request: ProbeRequest, log,
+           fold_bn: str | bool = "auto") -> tuple[torch.nn.Module, RunSettings]:
     """Move a model for inference: device, then precision and memory format forced or measured on
-    forward passes of `request.shape` (batch, channels, height, width) as `cnnkit.engine.probe` does."""
+    forward passes of `request.shape` (batch, channels, height, width) as `cnnkit.engine.probe` does,
+    then BatchNorm folded into the convolution before it (`cnnkit.engine.fold`): "on", "off", or "auto" =
+    folded when the run computes in fp32, where the folded model gives the same metrics; with bf16 /
+    fp16 the folded weights round differently, which cost detection 0.004 AP50 on average over four
+    checkpoints (BENCHMARKS.md "BatchNorm folded at inference"), so "auto" keeps BatchNorm there."""
+    from cnnkit.engine.fold import fold_batchnorm
     from cnnkit.engine.probe import choose, model_id
 
+    setting = _fold_setting(fold_bn)
     dev = request.device
     model = model.to(dev).eval()
     generator = torch.Generator().manual_seed(0)
@@ -67,8 +87,15 @@ def _place(model: torch.nn.Module, task, request: ProbeRequest, log) -> tuple[to
 
     request = dataclasses.replace(request, model_id=model_id(model, "inference"))
     choice = choose(model, request, step=step, log=log or _quiet)
+    said = ""
+    if setting == "on" or (setting == "auto" and choice.precision.dtype is None):
+        example = RunSettings(dev, resolve_precision("fp32", dev), False).inputs(images[:2], task)
+        folding = fold_batchnorm(model, example)
+        model, said = folding.model, folding.describe()
+    elif setting == "auto" and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        said = f"BatchNorm kept (with {choice.precision.name} folded weights round differently; --fold-bn on folds)"
     if log is not None:
-        log(f"inference on {dev}: {choice.describe()}")
+        log(f"inference on {dev}: {choice.describe()}" + (f"; {said}" if said else ""))
     if choice.channels_last:
         model = model.to(memory_format=torch.channels_last)
     fp32_depthwise(model, dev, choice.precision)
@@ -80,7 +107,7 @@ def _quiet(*args, **kwargs) -> None:
 
 
 def load_pretrained(model: str, weights: str, *, download: bool = False, device: str = "auto",
-                    precision: str = "auto", log=print) -> Trained:
+                    precision: str = "auto", fold_bn: str | bool = "auto", log=print) -> Trained:
     """A registry model with pretrained weights (e.g. efficientnet_lite0 + "imagenet"), ready to predict,
     by the task its registry entry names: class names and preprocessing from the weights
     (`Task.from_pretrained`)."""
@@ -91,7 +118,8 @@ def load_pretrained(model: str, weights: str, *, download: bool = False, device:
     pre, names = task.from_pretrained(net)
     task.configure(pre)
     shape = (32, int(pre["channels"]), int(pre["img_size"]), int(pre["img_size"]))
-    net, run = _place(net, task, ProbeRequest(resolve_device(device), precision, "auto", "", shape, kind="infer"), log)
+    net, run = _place(net, task, ProbeRequest(resolve_device(device), precision, "auto", "", shape, kind="infer"), log,
+                      fold_bn=fold_bn)
     ckpt = {"task": task.name, "model": {"name": net.cnnkit_name, "kwargs": dict(net.cnnkit_kwargs)},
             "names": names, "preprocess": pre}
     return Trained(task, net, ckpt, names, run)
