@@ -150,7 +150,7 @@ def accuracy_table(weights: list[str]) -> str:
                 metric = metric or next(k for k in ("AP50", "mIoU", "top1") if k in m)
                 cells.append(f"{m[metric]:.4f}")
         change = _outputs_change(w)
-        label = "/".join(Path(w).resolve().parts[-4:-2])
+        label = str(Path(w).resolve().parent.parent)  # the run folder
         lines.append(f"| {label} | {metric} | " + " | ".join(cells) + " | "
                      + " / ".join(f"{change[p, 'on']:.2g} (kept: {change[p, 'off']:.2g})" for p in precs) + " |")
         print(lines[-1], flush=True)
