@@ -173,12 +173,14 @@ def _cfg(shapes_dir, tmp_path, **kw) -> TrainConfig:
 
 
 @pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
-def test_sigint_mid_epoch_saves_the_step_and_resume_is_exact(shapes_dir, tmp_path, workers):
+@pytest.mark.parametrize("freeze", [0, 2], ids=["all-layers-train", "frozen-early-layers-folded"])
+def test_sigint_mid_epoch_saves_the_step_and_resume_is_exact(shapes_dir, tmp_path, workers, freeze):
     """Ctrl-C at epoch 2, step 2 of 4 (augmentation and dropout draw random numbers; with workers the
-    loader's seed comes from the epoch's start): the resumed run equals the uninterrupted one bitwise."""
+    loader's seed comes from the epoch's start): the resumed run equals the uninterrupted one bitwise.
+    With `freeze_early` the fp32 run folds the frozen BatchNorms after the resume restored the weights."""
     handler_before = signal.getsignal(signal.SIGINT)
     full: list[tuple] = []
-    res_full = fit(_cfg(shapes_dir, tmp_path, name="full", workers=workers),
+    res_full = fit(_cfg(shapes_dir, tmp_path, name="full", workers=workers, freeze_early=freeze),
                    on_step=lambda e, s, l: full.append((e, s, l)), log=lambda *_: None)
     assert signal.getsignal(signal.SIGINT) is handler_before
 
@@ -190,7 +192,7 @@ def test_sigint_mid_epoch_saves_the_step_and_resume_is_exact(shapes_dir, tmp_pat
             os.kill(os.getpid(), signal.SIGINT)
 
     with pytest.raises(TrainingInterrupted) as info:
-        fit(_cfg(shapes_dir, tmp_path, name="cut", workers=workers), on_step=ctrl_c, log=lambda *_: None)
+        fit(_cfg(shapes_dir, tmp_path, name="cut", workers=workers, freeze_early=freeze), on_step=ctrl_c, log=lambda *_: None)
     assert signal.getsignal(signal.SIGINT) is handler_before  # restored after an interrupted run too
     exc = info.value
     assert exc.exit_code == 130 and exc.signum == signal.SIGINT
@@ -202,7 +204,7 @@ def test_sigint_mid_epoch_saves_the_step_and_resume_is_exact(shapes_dir, tmp_pat
     assert cut == full[: len(cut)] and len(cut) == 4 + 2
 
     resumed: list[tuple] = []
-    res = fit(_cfg(shapes_dir, tmp_path), resume=str(exc.checkpoint),
+    res = fit(_cfg(shapes_dir, tmp_path, freeze_early=freeze), resume=str(exc.checkpoint),
               on_step=lambda e, s, l: resumed.append((e, s, l)), log=lambda *_: None)
     assert resumed == full[len(cut):]  # the same step indices and bitwise the same losses
     _assert_same_weights(res.run_dir / "weights" / "last.pt", res_full.run_dir / "weights" / "last.pt")

@@ -173,3 +173,74 @@ def test_a_fold_setting_that_is_not_auto_on_or_off_is_one_clear_error():
     assert (_fold_setting(True), _fold_setting(False), _fold_setting("auto")) == ("on", "off", "auto")
     with pytest.raises(UsageError, match="fold_bn must be one of auto, on, off"):
         _fold_setting("yes")
+
+
+def test_frozen_early_layers_train_the_same_with_their_batchnorm_folded():
+    """FrozenFold (fp32 training with --freeze-early): the same outputs and gradients as the model as built,
+    parameters and buffers untouched, only frozen pairs folded, and undo() gives back the model's own forward."""
+    import copy
+
+    from cnnkit.engine.finetune import freeze_early, train_mode
+    from cnnkit.engine.fold import FrozenFold
+
+    torch.manual_seed(0)
+    model = _randomise_bn(build_model("yolo", num_classes=3, img_size=64, backbone="efficientnet_lite0", width=0.25))
+    freeze_early(model, 4)
+    reference = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    fold = FrozenFold(model, x[:2], model.cnnkit_early_frozen)
+    early = set(model.cnnkit_early_frozen)
+    assert len(fold.pairs) >= 3 and all(c in early and b in early for c, b in fold.pairs)
+    assert all("forward" in c.__dict__ for c, _ in fold.pairs)
+    assert not any("forward" in m.__dict__ for m in model.modules() if m not in early)  # trained layers untouched
+    outs = []
+    for m in (reference, model):
+        train_mode(m)
+        out = m(x)
+        out.pow(2).mean().backward()
+        outs.append(out)
+    assert _largest_change(outs[0], outs[1]) < REL_TOLERANCE
+    trained = [(n, p) for n, p in reference.named_parameters() if p.requires_grad]
+    folded = dict(model.named_parameters())
+    for name, p in trained:
+        assert _largest_change(p.grad, folded[name].grad) < 1e-3, name
+    assert list(model.state_dict()) == list(before)
+    for k, v in model.state_dict().items():  # no parameter of the model changed; BatchNorm statistics
+        if k in dict(reference.state_dict()):  # moved alike in both (the trained layers' batch statistics)
+            assert _largest_change(reference.state_dict()[k].float(), v.float()) < REL_TOLERANCE, k
+    assert all(torch.equal(model.state_dict()[k], before[k]) for c, b in fold.pairs
+               for k in before if k.startswith(tuple(n + "." for n, m in model.named_modules() if m in (c, b))))
+    fold.undo()
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    reference.load_state_dict(model.state_dict())  # the same numbers: after undo, the same computation
+    model.eval(), reference.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))
+
+
+def test_fit_folds_frozen_batchnorm_in_fp32_only(shapes_dir, tmp_path, monkeypatch):
+    from cnnkit.engine import trainer
+    from cnnkit.engine.config import TrainConfig
+
+    def cfg(name, **kw):
+        base = dict(task="classify", model="vgg11_bn", model_kwargs={"width": 0.125, "pool_size": 1},
+                    data=str(shapes_dir), epochs=1, max_steps=4, batch_size=16, img_size=32, lr=0.02, seed=3,
+                    precision="fp32", channels_last="off", workers=0, freeze_early=2, project=str(tmp_path),
+                    name=name, progress=False, plots=False)
+        return TrainConfig(**{**base, **kw})
+
+    logs: dict[str, list[str]] = {"folded": [], "bf16": []}
+    folded = trainer.fit(cfg("folded"), log=logs["folded"].append)
+    line = [ln for ln in logs["folded"] if "BatchNorm folded" in ln]
+    assert line == ["frozen early layers: BatchNorm folded into the convolution before it in 2 of them for the "
+                    "training forward (fp32; the saved weights are the model's own)"]  # features.0/1, 4/5
+    trainer.fit(cfg("bf16", precision="bf16"), log=logs["bf16"].append)
+    assert not any("BatchNorm folded" in ln for ln in logs["bf16"])
+    monkeypatch.setattr(trainer, "_fold_frozen_layers", lambda s: None)
+    plain = trainer.fit(cfg("plain"), log=lambda *_: None)
+    a = torch.load(folded.run_dir / "weights" / "last.pt", weights_only=True)["state_dict"]
+    b = torch.load(plain.run_dir / "weights" / "last.pt", weights_only=True)["state_dict"]
+    assert list(a) == list(b)
+    for k in a:  # four SGD steps from the same start: the same weights up to float rounding
+        assert torch.allclose(a[k].float(), b[k].float(), rtol=1e-3, atol=1e-5), k

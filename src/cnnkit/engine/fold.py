@@ -101,8 +101,9 @@ def find_pairs(model: nn.Module, example: torch.Tensor) -> tuple[list[tuple[str,
     return pairs, batchnorms
 
 
-def fold_pair(conv: nn.Module, bn: nn.BatchNorm2d) -> None:
-    """Move `bn`'s eval-mode affine map into `conv`'s weight and bias (in place; `bn` is left as it was)."""
+def folded_weights(conv: nn.Module, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of `conv` with `bn`'s eval-mode affine map moved in, computed in float64 and returned
+    in the weight's dtype and memory layout; neither module changes."""
     with torch.no_grad():
         scale = torch.rsqrt(bn.running_var.double() + bn.eps)
         if bn.weight is not None:
@@ -114,8 +115,17 @@ def fold_pair(conv: nn.Module, bn: nn.BatchNorm2d) -> None:
         dim = 1 if isinstance(conv, nn.ConvTranspose2d) else 0
         shape = [1] * conv.weight.dim()
         shape[dim] = -1
-        conv.weight.copy_((conv.weight.double() * scale.view(shape)).to(conv.weight.dtype))
-        conv.bias = nn.Parameter((bias * scale + shift).to(conv.weight.dtype), requires_grad=conv.weight.requires_grad)
+        weight = torch.empty_like(conv.weight)  # keeps the layout (channels_last) of the weight
+        weight.copy_(conv.weight.double() * scale.view(shape))
+        return weight, (bias * scale + shift).to(conv.weight.dtype)
+
+
+def fold_pair(conv: nn.Module, bn: nn.BatchNorm2d) -> None:
+    """Move `bn`'s eval-mode affine map into `conv`'s weight and bias (in place; `bn` is left as it was)."""
+    weight, bias = folded_weights(conv, bn)
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+    conv.bias = nn.Parameter(bias, requires_grad=conv.weight.requires_grad)
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -144,7 +154,7 @@ def _largest_change(before: Any, after: Any) -> float:
     for x, y in zip(a, b):
         if x.numel() == 0:
             continue
-        x, y = x.double(), y.double()
+        x, y = x.detach().double(), y.detach().double()
         scale = max(1.0, float(x.abs().max()))
         worst = max(worst, float((x - y).abs().max()) / scale)
     return worst
@@ -170,3 +180,43 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> FoldResult:
                           refused=f"the folded model's outputs moved by {change:.2g} of their scale on a test batch, "
                                   f"more than {REL_TOLERANCE:g}: a convolution's output is used besides its BatchNorm")
     return FoldResult(folded, len(pairs), batchnorms)
+
+
+class FrozenFold:
+    """BatchNorm folded into the convolution before it for the training forward, where both stay frozen for
+    the whole run (`--freeze-early`: their parameters do not train and the BatchNorm runs in eval mode, so
+    it is a fixed affine map). The modules' parameters and buffers are not touched, so checkpoints, the
+    EMA and resuming see the model as built: each folded convolution's `forward` is routed to a shadow
+    copy holding the folded weight and bias (computed once), each folded BatchNorm's `forward` to what
+    runs after its normalisation (nothing, or timm's activation). `undo()` routes them back."""
+
+    def __init__(self, model: nn.Module, example: torch.Tensor, frozen) -> None:
+        frozen = set(frozen)
+        modes = {m: m.training for m in model.modules()}
+        model.eval()
+        try:
+            pairs, self.batchnorms = find_pairs(model, example)
+        finally:
+            for m, training in modes.items():
+                m.training = training
+        self.pairs: list[tuple[nn.Module, nn.Module]] = []
+        for conv_name, bn_name in pairs:
+            conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+            if conv not in frozen or bn not in frozen:
+                continue
+            if any(p.requires_grad for p in [*conv.parameters(), *bn.parameters()]):
+                continue
+            weight, bias = folded_weights(conv, bn)
+            shadow = copy.copy(conv)  # same class and settings; its own parameters and no hooks
+            shadow._parameters = {"weight": nn.Parameter(weight, requires_grad=False),
+                                  "bias": nn.Parameter(bias, requires_grad=False)}
+            shadow._forward_hooks, shadow._forward_pre_hooks = {}, {}
+            conv.forward = shadow.forward
+            bn.forward = _replacement(bn).forward
+            self.pairs.append((conv, bn))
+
+    def undo(self) -> None:
+        for conv, bn in self.pairs:
+            for m in (conv, bn):
+                m.__dict__.pop("forward", None)
+        self.pairs = []

@@ -179,8 +179,12 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, explicit_model: bool = F
             s.run_dir.mkdir(parents=True, exist_ok=s.cfg.exist_ok)
             ck.atomic_write_text(s.run_dir / "config.yaml", yaml.safe_dump(s.cfg.to_dict(), sort_keys=False))
         _start(s)
-        interrupted = _train_epochs(s)
-        return _finish(s, interrupted)
+        try:
+            interrupted = _train_epochs(s)
+            return _finish(s, interrupted)
+        finally:
+            if s.frozen_fold is not None:
+                s.frozen_fold.undo()
 
 
 @dataclass
@@ -198,6 +202,7 @@ class _Session:
     budget: Budget | None = None
     batch: int = 0
     data: Any = None
+    frozen_fold: Any = None  # engine/fold.FrozenFold while an fp32 run folds its frozen early BatchNorms
     model: Any = None
     run: RunSettings | None = None
     choice: Choice | None = None
@@ -330,9 +335,32 @@ def _restore(s: _Session) -> None:
           + (f", step {s.start_step + 1}/{s.iters}" if s.start_step else ""))
 
 
+def _fold_frozen_layers(s: _Session):
+    """In fp32, the BatchNorm layers that `--freeze-early` keeps frozen are fixed affine maps: fold them into
+    the frozen convolutions before them for the training forward (`cnnkit.engine.fold.FrozenFold`; the
+    detector's step measured 1.12x faster under the AVX2 stand-in). The same function to about 1e-6 of
+    its scale; with bf16 the folded weights would round differently from the model that is saved and
+    evaluated, so bf16 runs keep BatchNorm. Called after a resume restored the weights."""
+    from cnnkit.engine.fold import FrozenFold
+
+    state = ck.rng_state()  # reading a sample runs its augmentation: the run's random stream must not move
+    try:
+        shape = _sample_shape(s.data.train[0])
+    finally:
+        ck.set_rng_state(state)
+    images = torch.randint(0, 256, (2, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    fold = FrozenFold(s.model, s.run.inputs(images, s.task), getattr(s.model, "cnnkit_early_frozen", ()))
+    if fold.pairs:
+        s.log(f"frozen early layers: BatchNorm folded into the convolution before it in {len(fold.pairs)} of them "
+              "for the training forward (fp32; the saved weights are the model's own)")
+    return fold
+
+
 def _start(s: _Session) -> None:
     """The training model (DDP-wrapped under torchrun, compiled with --compile), the budget's plan, the header line."""
     cfg = s.cfg
+    if cfg.freeze_early and s.run.precision.dtype is None and not cfg.compile:
+        s.frozen_fold = _fold_frozen_layers(s)
     # the model that trains: DDP-wrapped under torchrun; `model` stays the bare one that is saved
     s.train_model = dist.wrap(s.model, s.run.device, find_unused_parameters=bool(cfg.freeze_backbone))
     if cfg.compile:  # the training forward/backward only; evaluation and checkpoints use the bare model
