@@ -29,6 +29,7 @@ import contextlib
 import copy
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,8 +50,6 @@ def _model(name: str):
     from cnnkit.taskapi import TaskData, get_task
 
     with contextlib.redirect_stdout(sys.stderr):
-        import tempfile
-
         with tempfile.TemporaryDirectory() as tmp:
             cfg, _ = speed._config(speed.CASES[name], "cpu", 1, tmp)
         task = get_task(cfg.task)

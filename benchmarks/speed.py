@@ -762,7 +762,8 @@ def build_table(results: dict, peaks: dict, device: str) -> tuple[str, dict]:
             "cnnkit / plain of fp32 conv peak": f"{_pct(gf_c / fp32)} / {_pct(gf_p / fp32)}",
             "peak memory MiB, plain / cnnkit": f"{_med(p, 'peak_mib'):.0f} / {_med(c, 'peak_mib'):.0f}",
         }
-        summary[n] = {"train_ratio": ratio, "batched_ratio": _med(c, "batched_ratio"), "plain_ips": plain_ips, "cnnkit_ips": ck_ips, "gflops": gf_c,
+        summary[n] = {"train_ratio": ratio, "batched_ratio": _med(c, "batched_ratio"), "plain_ips": plain_ips,
+                      "cnnkit_ips": ck_ips, "gflops": gf_c,
                       "of_bf16_peak": gf_c / bf16 if bf16 else None, "data_ratio": _med(c, "data_ips") / ck_ips}
     keys = list(next(iter(col.values())).keys())
     mem = "peak RSS of the variant's process" if device == "cpu" else "torch.cuda.max_memory_allocated"
@@ -799,8 +800,8 @@ def section_text(table: str, peaks: dict, device: str, args, results: dict, elap
         "their forward. Inference: the model's forward on synthetic input (no decoding, no post-processing), "
         "timed in one process, plain (fp32, NCHW, BatchNorm as trained) and cnnkit "
         "(`cnnkit.engine.inference._place`: the measured precision and layout, its autocast, and in fp32 "
-        "BatchNorm folded into the convolutions) in turns; the speed-ups are medians of the ratios within each process. "
-        + bench,
+        "BatchNorm folded into the convolutions) in turns; the speed-ups are medians of the ratios within "
+        "each process. " + bench,
     ]
     return "\n".join(lines).rstrip() + "\n"
 

@@ -42,7 +42,7 @@ def bare_ips(name: str, steps: int, warmup: int) -> tuple[float, str]:
         cfg, explicit = speed._config(case, "cpu", steps + warmup, tmp)
         s = trainer._prepare(cfg, resume=None, explicit_model=explicit, extend_epochs=None, log=lambda *_: None)
         trainer._build_training(s)
-        fold = trainer._fold_frozen_layers(s) if cfg.freeze_early and s.run.precision.dtype is None else None
+        fold = trainer._fold_frozen_layers(s)  # as `fit` does: in fp32 runs with frozen early layers
     model, task, run, opt = s.model, s.task, s.run, s.opt.optimizer
     images, targets = next(iter(s.train_loader))
     x, y = run.inputs(images, task), task.move_targets(targets, run.device)

@@ -438,16 +438,20 @@ def _add_val(sub) -> None:
                    help="auto: measured on this CPU and model (bf16 when at least 1.1x faster); bf16 / fp16 on CUDA")
     s.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
                    help="memory format (auto: measured on this CPU and model; on with CUDA)")
-    s.add_argument("--fold-bn", choices=("auto", "on", "off"), default="auto",
-                   help="BatchNorm folded into the convolution before it: fewer passes over memory, the same "
-                        "outputs in fp32 (checked at load); auto: in fp32 only (bf16 rounds folded weights "
-                        "differently)")
+    _add_fold_bn(s)
     s.add_argument("--workers", type=_number(int, -1), default=-1, help="DataLoader workers (-1 = automatic)")
     s.add_argument("--out", default=None, help="folder for the pictures and saved predictions (default: <run>/val)")
     for kind, what in _save_kinds().items():
         s.add_argument(f"--save-{kind}", action="store_true", help=what)
     s.set_defaults(func=cmd_val)
 
+
+
+def _add_fold_bn(s) -> None:
+    s.add_argument("--fold-bn", choices=("auto", "on", "off"), default="auto",
+                   help="BatchNorm folded into the convolution before it: fewer passes over memory, the same "
+                        "outputs in fp32 (checked at load); auto: in fp32 only (bf16 rounds folded weights "
+                        "differently)")
 
 
 def _add_predict(sub) -> None:
@@ -469,10 +473,7 @@ def _add_predict(sub) -> None:
                    help="auto: measured on this CPU and model (bf16 when at least 1.1x faster); bf16 / fp16 on CUDA")
     s.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
                    help="memory format (auto: measured on this CPU and model; on with CUDA)")
-    s.add_argument("--fold-bn", choices=("auto", "on", "off"), default="auto",
-                   help="BatchNorm folded into the convolution before it: fewer passes over memory, the same "
-                        "outputs in fp32 (checked at load); auto: in fp32 only (bf16 rounds folded weights "
-                        "differently)")
+    _add_fold_bn(s)
     s.add_argument("--out", default=None, help="output folder (default: runs/<task>/predict)")
     s.add_argument("--show", type=COUNT, default=20, help="print this many results")
     s.set_defaults(func=cmd_predict)

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from cnnkit.models.backbone_base import _set_submodule
+
 REL_TOLERANCE = 1e-4  # largest output change allowed, relative to the output's largest magnitude
 
 
@@ -128,12 +130,6 @@ def fold_pair(conv: nn.Module, bn: nn.BatchNorm2d) -> None:
     conv.bias = nn.Parameter(bias, requires_grad=conv.weight.requires_grad)
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)
-
-
 def _tensors(out: Any) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]
@@ -172,7 +168,7 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> FoldResult:
     for conv_name, bn_name in pairs:
         bn = folded.get_submodule(bn_name)
         fold_pair(folded.get_submodule(conv_name), bn)
-        _set_module(folded, bn_name, _replacement(bn))
+        _set_submodule(folded, bn_name, _replacement(bn))
     with torch.no_grad():
         change = _largest_change(model(example), folded(example))
     if not change <= REL_TOLERANCE:

@@ -57,7 +57,7 @@ FOLD_BN = ("auto", "on", "off")
 
 
 def _fold_setting(fold_bn: str | bool) -> str:
-    setting = {True: "on", False: "off"}.get(fold_bn, fold_bn) if isinstance(fold_bn, bool) else str(fold_bn)
+    setting = ("on" if fold_bn else "off") if isinstance(fold_bn, bool) else str(fold_bn)
     if setting not in FOLD_BN:
         raise UsageError(f"fold_bn must be one of {', '.join(FOLD_BN)}, got {fold_bn!r}", fix="--fold-bn auto")
     return setting

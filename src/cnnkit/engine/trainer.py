@@ -340,9 +340,12 @@ def _fold_frozen_layers(s: _Session):
     the frozen convolutions before them for the training forward (`cnnkit.engine.fold.FrozenFold`; the
     detector's step measured 1.12x faster under the AVX2 stand-in). The same function to about 1e-6 of
     its scale; with bf16 the folded weights would round differently from the model that is saved and
-    evaluated, so bf16 runs keep BatchNorm. Called after a resume restored the weights."""
+    evaluated, so bf16 runs keep BatchNorm (and so do --compile runs). Called after a resume restored the
+    weights; None when nothing is folded."""
     from cnnkit.engine.fold import FrozenFold
 
+    if not s.cfg.freeze_early or s.run.precision.dtype is not None or s.cfg.compile:
+        return None
     state = ck.rng_state()  # reading a sample runs its augmentation: the run's random stream must not move
     try:
         shape = _sample_shape(s.data.train[0])
@@ -359,8 +362,7 @@ def _fold_frozen_layers(s: _Session):
 def _start(s: _Session) -> None:
     """The training model (DDP-wrapped under torchrun, compiled with --compile), the budget's plan, the header line."""
     cfg = s.cfg
-    if cfg.freeze_early and s.run.precision.dtype is None and not cfg.compile:
-        s.frozen_fold = _fold_frozen_layers(s)
+    s.frozen_fold = _fold_frozen_layers(s)
     # the model that trains: DDP-wrapped under torchrun; `model` stays the bare one that is saved
     s.train_model = dist.wrap(s.model, s.run.device, find_unused_parameters=bool(cfg.freeze_backbone))
     if cfg.compile:  # the training forward/backward only; evaluation and checkpoints use the bare model
