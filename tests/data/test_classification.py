@@ -83,6 +83,44 @@ def test_transform_is_applied_and_dataset_unchanged(embedded):
     assert torch.equal(embedded.train[3][0], before)
 
 
+@pytest.mark.parametrize("transform", ["none", "pad", "resize", "random"])
+def test_a_whole_batch_read_at_once_equals_the_images_read_one_by_one(transform):
+    """`TensorImageDataset.__getitems__` (what the DataLoader calls): the same items as `__getitem__`,
+    through a Subset too, with the transform on the batch only where it is `batchable`."""
+    from torch.utils.data import DataLoader, Subset
+
+    from cnnkit.tasks.classify import FitTo
+
+    g = torch.Generator().manual_seed(0)
+    ds = builtin.TensorImageDataset(torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8, generator=g),
+                                    torch.arange(40) % 7)
+    calls = []
+
+    def random_flip(img):  # per image, random: must be applied image by image
+        calls.append(img.shape)
+        return img.flip(-1) if torch.rand(()) < 0.5 else img
+
+    ds.transform = {"none": None, "pad": FitTo(32), "resize": FitTo(16), "random": random_flip}[transform]
+    picked = [5, 0, 39, 5, 17]
+    torch.manual_seed(1)
+    batch = ds.__getitems__(picked)
+    torch.manual_seed(1)
+    one_by_one = [ds[i] for i in picked]
+    assert [label for _, label in batch] == [label for _, label in one_by_one]
+    assert all(type(label) is int for _, label in batch)
+    for (a, _), (b, _) in zip(batch, one_by_one):
+        assert torch.equal(a, b)
+    if transform == "random":
+        assert calls and all(len(c) == 3 for c in calls)
+    if transform != "random":
+        sub = Subset(ds, [3, 8, 9])
+        assert all(torch.equal(a, b) for (a, _), (b, _) in zip(sub.__getitems__([2, 0]), [ds[9], ds[3]]))
+        before = ds.images.clone()
+        x, y = next(iter(DataLoader(ds, batch_size=8)))
+        assert torch.equal(x, torch.stack([ds[i][0] for i in range(8)])) and torch.equal(y, torch.arange(8) % 7)
+        assert torch.equal(ds.images, before)
+
+
 @pytest.mark.skipif(not (FASHION_SYSTEM / "train-images-idx3-ubyte.gz").exists(),
                     reason="Debian package dataset-fashion-mnist not installed")
 def test_fashion_mnist_full(monkeypatch, tmp_path):

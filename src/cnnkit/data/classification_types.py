@@ -37,6 +37,20 @@ class TensorImageDataset(Dataset):
             image = self.transform(image)
         return image, int(self.labels[index])
 
+    def __getitems__(self, indices: Sequence[int]) -> list:
+        """A loader's whole batch at once (torch's DataLoader calls this when it exists): one gather and,
+        when the transform says it treats a batch as each of its images (`batchable`, e.g. the fixed
+        fit-to-size of evaluation and of small training images), one transform call, instead of one
+        of each per image (about 1 ms of a 40 ms training step at batch 64 on two cores). The same items
+        `__getitem__` gives, in the same order; a random per-image transform is applied per image."""
+        if self.transform is not None and not getattr(self.transform, "batchable", False):
+            return [self[i] for i in indices]
+        index = torch.as_tensor(indices, dtype=torch.int64)
+        images = self.images[index]  # a copy (advanced indexing): a transform can never alter the dataset
+        if self.transform is not None:
+            images = self.transform(images)
+        return list(zip(images.unbind(0), self.labels[index].tolist()))
+
 
 class ImageFileDataset(Dataset):
     """Image files, 3-channel uint8 [3, H, W] each, either decoded once into one flat buffer

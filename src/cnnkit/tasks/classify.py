@@ -102,7 +102,10 @@ class FitTo(torch.nn.Module):
     """Bring an image to img_size x img_size, decided per image: one slightly smaller (3/4 of the
     size or more) is zero-padded around its centre, which keeps small images sharp (28x28
     Fashion-MNIST into 32x32); any other has its shorter side resized to img_size / crop_pct
-    (ImageNet evaluation: 256 for 224, crop_pct 0.875), then is centre-cropped."""
+    (ImageNet evaluation: 256 for 224, crop_pct 0.875), then is centre-cropped. A batch [N, C, H, W]
+    of equal-sized images is fitted as each of its images would be (`batchable`)."""
+
+    batchable = True
 
     def __init__(self, img_size: int, crop_pct: float = 1.0):
         super().__init__()
