@@ -22,7 +22,7 @@ demo: $(STAMP)
 
 # every task's default model, plain PyTorch against cnnkit, one table (about 10 minutes on 2 CPU cores);
 # writes it into BENCHMARKS.md between <!-- bench:begin KIND --> and <!-- bench:end KIND -->, KIND being
-# cpu-avx512-bf16 or cpu-avx2 (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 stands in for the latter)
+# cpu-amx-bf16, cpu-avx512-bf16 or cpu-avx2 (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 stands in for the latter)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/speed.py --task all --write
 

@@ -177,10 +177,15 @@ def has_bf16(device: str) -> bool:
 
 
 def machine_key(device: str) -> str:
-    """The BENCHMARKS.md section of this kind of machine: cpu-avx512-bf16, cpu-avx2 or cuda."""
+    """The BENCHMARKS.md section of this kind of machine: cpu-amx-bf16 (bf16 matrix tiles as well as
+    AVX-512 BF16, unless ONEDNN_MAX_CPU_ISA holds oneDNN below AMX), cpu-avx512-bf16, cpu-avx2 or cuda."""
     if device == "cuda":
         return "cuda"
-    return "cpu-avx512-bf16" if has_bf16(device) else "cpu-avx2"
+    if not has_bf16(device):
+        return "cpu-avx2"
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    amx = "amx_bf16" in cpu_description()["bf16_flags"] and (isa == "ALL" or "AMX" in isa)
+    return "cpu-amx-bf16" if amx else "cpu-avx512-bf16"
 
 
 def measure_peaks(device: str) -> dict:
