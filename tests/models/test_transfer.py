@@ -286,6 +286,23 @@ def test_out_indices_and_errors():
         build_backbone("resnet18", return_indices=True)
 
 
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "mobilenetv3_large_100"])
+def test_timm_blocks_after_the_deepest_map_read_are_left_out(name):
+    """timm's EfficientNet / MobileNetV3 extractors would run every block; the maps asked for stay
+    the same when the blocks after the deepest one are not built."""
+    torch.manual_seed(0)
+    whole = build_backbone(name).eval()  # levels 1-4: every block
+    for indices, kept in (((1, 2), 3), ((3,), 5), ((4,), 7)):
+        part = build_backbone(name, out_indices=indices).eval()
+        assert len(part.body.blocks) == kept
+        part.load_state_dict({k: v for k, v in whole.state_dict().items() if k in part.state_dict()})
+        x = torch.rand(1, 3, 96, 96)
+        with torch.no_grad():
+            every, some = whole(x), part(x)
+        for level, got in zip(indices, some):
+            torch.testing.assert_close(got, every[level - 1], rtol=0, atol=0)
+
+
 def test_vgg_return_indices_drive_max_unpool():
     backbone = build_backbone("vgg11", out_indices=(0, 1, 2, 3, 4), return_indices=True).eval()
     x = torch.rand(1, 3, 70, 70)  # odd sizes on the way down: 70, 35, 17, 8, 4, 2

@@ -220,6 +220,7 @@ def _make_backbone(spec: BackboneSpec, out_indices, in_channels: int, return_ind
         if tuple(body.feature_info.reduction()) != tuple(LEVEL_STRIDES[i] for i in indices):
             raise ModelError(f"timm {spec.arch} has unexpected feature strides "  # pragma: no cover
                              f"{body.feature_info.reduction()}")
+        _drop_unused_stages(body)
         return TimmFeatures(body, name=spec.name, out_indices=indices, in_channels=in_channels)
     if spec.source == "cnnkit":
         # The small classifier (pool 1x1) only carries the convolutional part, which is kept.
@@ -233,6 +234,17 @@ def _make_backbone(spec: BackboneSpec, out_indices, in_channels: int, return_ind
         smallest = TOTAL_STRIDE
     return StageFeatures(parts, name=spec.name, out_indices=out_indices, in_channels=in_channels,
                          min_input_size=smallest, return_indices=return_indices)
+
+
+def _drop_unused_stages(body: nn.Module) -> None:
+    """timm's EfficientNet / MobileNetV3 feature extractors run every block even when the deepest map
+    asked for comes earlier (`out_indices=(3,)`: the stride-32 blocks run and are thrown away); keep only
+    the blocks up to the last one whose output is returned (their own parameters stay the same)."""
+    blocks, wanted = getattr(body, "blocks", None), getattr(body, "_stage_out_idx", None)
+    if isinstance(blocks, nn.Sequential) and wanted and getattr(body, "feature_hooks", None) is None:
+        last = max(int(i) for i in wanted)  # stage i is the output of blocks[i - 1] (0: the stem)
+        if 0 < last < len(blocks):
+            body.blocks = blocks[:last]
 
 
 def build_backbone(name: str, weights=None, *, out_indices: Sequence[int] = DEFAULT_OUT_INDICES,

@@ -90,7 +90,8 @@ class WeightsReport:
             text += f"; skipped {_names(self.skipped or self.kept)}"
             text += f" ({self.reason}), kept freshly initialised" if self.reason else ", kept freshly initialised"
         if self.unused:
-            text += f"; {len(self.unused)} checkpoint tensors not used (the classifier's part)"
+            text += (f"; {len(self.unused)} checkpoint tensors not used (layers the feature extractor leaves out: "
+                     "the classifier, and any after the deepest map it reads)")
         return text
 
 
