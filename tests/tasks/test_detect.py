@@ -61,3 +61,30 @@ def test_bad_label_line_is_one_line_error(tiny_scenes, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and label.name in err[0]
+
+
+def test_the_head_stride_is_a_flag_and_the_default_reads_the_stride_16_map(tiny_scenes, tmp_path, capsys):
+    from cnnkit.engine.config import TrainConfig
+    from cnnkit.engine.inference import load_trained
+
+    assert TrainConfig.for_task("detect").model_kwargs["stride"] == 16
+    yaml_file = next(tiny_scenes.glob("*.yaml"))
+    common = ["train", "detect", "--data", str(yaml_file), "--weights", "none", "--img-size", "96", "--epochs", "1",
+              "--batch-size", "8", "--max-steps", "1", "--precision", "fp32", "--channels-last", "off",
+              "--project", str(tmp_path / "runs"), "--no-progress"]
+    import torch
+
+    for stride, grid in ((None, 6), ("32", 3)):
+        name = f"s{stride}"
+        assert main(common + ["--name", name] + (["--stride", stride] if stride else [])) == 0, capsys.readouterr().err
+        last = tmp_path / "runs" / "detect" / name / "weights" / "last.pt"
+        ckpt = torch.load(last, map_location="cpu", weights_only=False)
+        assert ckpt["model"]["kwargs"]["stride"] == int(stride or 16)
+        model = load_trained(last, precision="fp32", channels_last="off").model
+        assert model.S == grid and model(torch.rand(1, 3, 96, 96)).shape == (1, grid, grid, 5 * 2 + 10)
+        assert main(["val", "--weights", str(last)]) == 0
+    capsys.readouterr()
+    # a model without the option: one line, exit 2
+    assert main(common + ["--name", "v1", "--model", "yolov1_fast", "--width", "0.125", "--stride", "16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stride" in err[0]

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchvision
 
-from cnnkit.errors import DataError, ShapeError
+from cnnkit.errors import DataError, ModelError, ShapeError
 from cnnkit.models import build_model, list_models, model_info, summarize
 from cnnkit.models.backbones import backbone_parameters, head_parameters
 from cnnkit.tasks.yolo import (cell_boxes, decode_boxes, encode_targets, paired_box_iou, postprocess,
@@ -310,6 +310,8 @@ def test_full_size_shapes(name, kwargs, size, grid):
     ("yolov1_fast", {"width": 0.25, "S": 4}, 160, 4),
     ("yolov1_vgg16", {"width": 0.125}, 160, 2),
     ("yolo", {"backbone": "efficientnet_lite0", "width": 0.5}, 192, 6),
+    ("yolo", {"backbone": "efficientnet_lite0", "width": 0.5, "stride": 16}, 160, 10),
+    ("yolo", {"backbone": "resnet18", "width": 0.25, "stride": 8}, 64, 8),
 ])
 def test_small_variants_run(name, kwargs, size, grid):
     torch.manual_seed(0)
@@ -345,6 +347,31 @@ def test_bf16_autocast_forward_and_loss():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     dets = postprocess(pred, S=2, B=2, C=3, img_size=128)
     assert dets[0]["boxes"].dtype == torch.float32
+
+
+def test_yolo_stride_16_reads_the_backbones_stride_16_map_and_leaves_out_the_rest():
+    torch.manual_seed(0)
+    coarse = build_model("yolo", backbone="efficientnet_lite0", num_classes=3, img_size=160).eval()
+    fine = build_model("yolo", backbone="efficientnet_lite0", num_classes=3, img_size=160, stride=16).eval()
+    assert (coarse.S, fine.S, fine.stride) == (5, 10, 16)
+    # the blocks after the stride-16 map (timm's blocks 5 and 6) are not built, the others are the same
+    assert len(fine.backbone.body.blocks) == 5 and len(coarse.backbone.body.blocks) == 7
+    shared = {k: v for k, v in coarse.backbone.state_dict().items() if k in fine.backbone.state_dict()}
+    assert set(shared) == set(fine.backbone.state_dict())
+    fine.backbone.load_state_dict(shared)
+    x = torch.rand(2, 3, 160, 160)
+    with torch.no_grad():
+        every_level = coarse.backbone.body  # runs all blocks; its map after block 4 is the stride-16 one
+        maps = []
+        h = every_level.bn1(every_level.conv_stem(x))
+        for block in every_level.blocks:
+            h = block(h)
+            maps.append(h)
+        torch.testing.assert_close(fine.forward_features(x), maps[4], rtol=0, atol=0)
+    with pytest.raises(ModelError, match="stride must be one of 8, 16, 32"):
+        build_model("yolo", backbone="efficientnet_lite0", stride=4)
+    with pytest.raises(ModelError, match="stride"):
+        build_model("yolo", backbone="efficientnet_lite0", stride=True)
 
 
 def test_registry_and_errors():

@@ -97,7 +97,8 @@ FAST_YOLO_FEATURES: tuple[Layer, ...] = (
     (512, 3, 1), "M", (1024, 3, 1), (1024, 3, 1), (1024, 3, 1),
 )
 FC_STRIDE = 64  # total stride of the FC models' feature map (448 -> 7)
-CONV_HEAD_STRIDE = 32  # stride of the backbone map the `yolo` head reads (level 4)
+CONV_HEAD_STRIDE = 32  # stride of the backbone map the `yolo` head reads by default (level 4)
+HEAD_STRIDES = {8: 2, 16: 3, 32: 4}  # `yolo`'s stride option -> the backbone level read (stride 2 ** (level + 1))
 
 
 def make_conv_layers(table: Sequence[Layer], *, in_channels: int, width: float = 1.0,
@@ -297,16 +298,20 @@ def conv_bn_leaky(in_channels: int, out_channels: int, kernel: int) -> list[nn.M
 class YOLO(YoloDetector):
     """The YOLO output on a registered backbone, with a fully convolutional head.
 
-    backbone (stride-32 map, `build_backbone(name, out_indices=(4,))`) -> [3x3 conv + BN + leaky
-    ReLU 0.1] x 2 -> adaptive average pool to S x S (the identity when the map already is S x S) ->
-    1x1 conv to 5B + C channels -> permuted to [N, S, S, 5B + C]. Each cell is predicted from the
-    features at its own place, the role the paper's FC layers play with a global view.
+    backbone (its stride-32 map, `build_backbone(name, out_indices=(4,))`; `stride=16` reads the stride-16
+    map and leaves the backbone's last stage out) -> [3x3 conv + BN + leaky ReLU 0.1] x 2 -> adaptive
+    average pool to S x S (the identity when the map already is S x S) -> 1x1 conv to 5B + C channels ->
+    permuted to [N, S, S, 5B + C]. Each cell is predicted from the features at its own place, the role
+    the paper's FC layers play with a global view.
 
     Args:
         backbone: a name of `cnnkit.models.backbones.list_backbones()` (efficientnet_lite0).
         num_classes, B, img_size, in_channels: as `YOLOv1`.
-        S: grid size; default img_size // 32 (the stride-32 map: 14 at 448, 7 at 224).
+        S: grid size; default img_size // stride (the map read: 14 at 448, 7 at 224 with stride 32).
         width: multiplies the head's channels (the backbone is as registered).
+        stride: the backbone map the head reads: 32 (default), 16 or 8. A finer map gives a finer grid
+            (S = 10 instead of 5 at 160 px), so more objects that lie close together each get a cell of
+            their own, and runs fewer backbone layers; each cell then sees less context.
         head_channels: channels of the two 3x3 convolutions of the head (256).
 
     `build_model("yolo", backbone=..., weights="imagenet")` loads the ImageNet weights into
@@ -315,13 +320,17 @@ class YOLO(YoloDetector):
 
     def __init__(self, backbone: str = "efficientnet_lite0", *, num_classes: int = 20, S: int | None = None,
                  B: int = 2, img_size: int = 448, in_channels: int = 3, width: float = 1.0,
-                 head_channels: int = 256):
+                 head_channels: int = 256, stride: int = CONV_HEAD_STRIDE):
         super().__init__()
-        self._set_grid(num_classes=num_classes, S=S, B=B, img_size=img_size, stride=CONV_HEAD_STRIDE,
+        if isinstance(stride, bool) or stride not in HEAD_STRIDES:
+            raise ModelError(f"yolo: stride must be one of {', '.join(map(str, HEAD_STRIDES))}, got {stride!r}",
+                             fix="use stride=32 (the backbone's last map) or 16 for small, close objects")
+        self._set_grid(num_classes=num_classes, S=S, B=B, img_size=img_size, stride=stride,
                        in_channels=in_channels)
         width = check_width(width)
         check_int(head_channels, "head_channels", 1)
-        self.backbone = build_backbone(backbone, out_indices=(4,), in_channels=in_channels, log=None)
+        self.backbone = build_backbone(backbone, out_indices=(HEAD_STRIDES[stride],), in_channels=in_channels,
+                                       log=None)
         self.backbone_name = self.backbone.cnnkit_backbone
         self.min_input_size = int(self.backbone.min_input_size)
         channels = self.backbone.channels[-1]
@@ -333,7 +342,7 @@ class YOLO(YoloDetector):
         self.num_features = channels
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The backbone's stride-32 map."""
+        """The backbone's map at the head's stride."""
         self.check_input(x)
         return self.backbone(x)[-1]
 
