@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from cnnkit.cli import main
 
 
@@ -72,8 +74,6 @@ def test_the_head_stride_is_a_flag_and_the_default_reads_the_stride_16_map(tiny_
     common = ["train", "detect", "--data", str(yaml_file), "--weights", "none", "--img-size", "96", "--epochs", "1",
               "--batch-size", "8", "--max-steps", "1", "--precision", "fp32", "--channels-last", "off",
               "--project", str(tmp_path / "runs"), "--no-progress"]
-    import torch
-
     for stride, grid in ((None, 6), ("32", 3)):
         name = f"s{stride}"
         assert main(common + ["--name", name] + (["--stride", stride] if stride else [])) == 0, capsys.readouterr().err
